@@ -1,0 +1,32 @@
+# Two commands from a fresh clone: `make run` (set up and serve), `make test`.
+# torch is installed on its own: the CPU build by default (TORCH_SPEC), since a
+# bare `torch` requirement pulls a multi-GB CUDA wheel. For a GPU, see README.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test demo-checkpoint deploy host-api test-api bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+run: install
+	$(PY) app.py
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo-checkpoint: install
+	$(PY) -m api.engine.demo_checkpoint --out models/demo
+
+clean:
+	rm -rf $(VENV) models/demo test-artifacts .pytest_cache

@@ -1,0 +1,87 @@
+"""The engine interface that routes and the UI depend on.
+
+A request goes in (prompt token ids and sampling parameters); an async stream
+of :class:`GenerationChunk` comes out, the last one carrying the finish reason
+and token counts. Implementations: :class:`~api.engine.transformers_engine.TransformersEngine`
+(the real model, continuously batched) and test doubles.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from api.engine.types import GenerationChunk, GenerationRequest
+
+
+class EngineState(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+
+@dataclass
+class EngineInfo:
+    """What is loaded and where; filled in once loading has finished."""
+
+    model_name: str
+    base_model: str | None = None
+    adapter: str | None = None
+    demo: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    max_context: int = 4096
+    max_batch_size: int = 1
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class Engine(abc.ABC):
+    """Owns the model; every generation in the process goes through it."""
+
+    info: EngineInfo
+    state: EngineState = EngineState.LOADING
+    error: str | None = None
+    started_at: float = 0.0
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Begin loading in the background and return at once."""
+
+    async def wait_ready(self, timeout: float | None = None) -> None:  # pragma: no cover - optional
+        """Wait until loading finished (ready or failed)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Cancel running work and release the model."""
+
+    @abc.abstractmethod
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of the chat template applied to ``messages`` (generation prompt added)."""
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens the model's tokenizer makes of ``text``."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Admit ``request`` and return its stream of chunks.
+
+        Admission errors (not ready, overloaded, context too long) raise here,
+        synchronously, so the caller can answer with the right status before
+        streaming; leaving the iteration early cancels the generation.
+        """
+
+    def stats(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        return 0, 0
+
+    def memory_mb(self) -> float | None:
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EngineState.READY

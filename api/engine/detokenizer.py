@@ -1,0 +1,65 @@
+"""Turn generated token ids into text deltas, one token at a time.
+
+Byte-level BPE splits a Thai character (3 UTF-8 bytes) across tokens, so a
+token can end mid-character; decoding it alone gives U+FFFD. We keep a small
+window of ids (the prefix/read offsets of TGI and vLLM) and only release text
+once it decodes cleanly. Stop strings are matched on the text, and any tail
+that could still become a stop string is held back so a client never sees
+half of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class IncrementalDetokenizer:
+    tokenizer: Any
+    stop: tuple[str, ...] = ()
+    ids: list[int] = field(default_factory=list)
+    text: str = ""           # all decoded text so far (stop string not yet cut)
+    emitted: int = 0         # characters of ``text`` already released
+    _prefix_offset: int = 0
+    _read_offset: int = 0
+
+    def add(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix):]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.ids)
+
+    def find_stop(self) -> int:
+        """Index in ``text`` where a stop string starts, or -1."""
+        if not self.stop:
+            return -1
+        longest = max(len(s) for s in self.stop)
+        start = max(0, self.emitted - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else -1
+
+    def take(self, final: bool = False, cut_at: int = -1) -> str:
+        """Release text that can no longer be part of a stop string."""
+        end = len(self.text) if cut_at < 0 else cut_at
+        if not final and cut_at < 0 and self.stop:
+            end -= self._held_back()
+        if end <= self.emitted:
+            return ""
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta
+
+    def _held_back(self) -> int:
+        tail = self.text[self.emitted:]
+        best = 0
+        for stop in self.stop:
+            for k in range(min(len(stop) - 1, len(tail)), best, -1):
+                if tail.endswith(stop[:k]):
+                    best = k
+                    break
+        return best

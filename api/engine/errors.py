@@ -1,0 +1,39 @@
+"""Engine failures, free of HTTP: ``api.errors`` maps each class to a status."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of everything the engine raises on purpose."""
+
+
+class ModelNotReadyError(EngineError):
+    """The model is still loading, failed to load, or the server is draining."""
+
+
+class ModelLoadError(EngineError):
+    """The configured model could not be loaded (message says why and what to do)."""
+
+
+class EngineOverloadedError(EngineError):
+    """The wait queue is full; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ContextLengthExceededError(EngineError):
+    """Prompt plus requested output do not fit the model's context window."""
+
+
+class GenerationTimeoutError(EngineError):
+    """The request passed its deadline before it finished."""
+
+
+class EngineOutOfMemoryError(EngineError):
+    """The accelerator ran out of memory during this request; the engine recovered."""
+
+
+class EngineDeadError(EngineError):
+    """The engine's worker died; the process should be restarted."""

@@ -1,0 +1,197 @@
+"""Find and load the model: base weights, LoRA adapter, tokenizer.
+
+The same function loads Qwen2.5-1.5B-Instruct on an H100 and the generated
+demo checkpoint on a laptop; only the paths differ. Problems the seed's
+troubleshooting section lists (missing adapter, no GPU, hub unreachable) are
+turned into one clear message here, before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from api.engine.errors import ModelLoadError
+from api.settings import ModelSettings
+
+log = logging.getLogger("thai.engine.loader")
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class ModelSource:
+    base_model: str
+    adapter: str | None
+    demo: bool = False
+    reason: str | None = None
+
+
+@dataclass
+class ModelBundle:
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    source: ModelSource
+    eos_token_ids: tuple[int, ...]
+    max_context: int
+
+
+def missing_adapter_message(lora_path: str) -> str | None:
+    """The seed's message when the adapter folder is missing or incomplete, else None."""
+    path = Path(lora_path)
+    if not path.is_dir():
+        return (f"Thai model not found at {lora_path}: expected a folder with "
+                f"{', '.join(ADAPTER_FILES)} (and tokenizer files); train the adapter or set THAI_LORA_PATH")
+    has_weights = (path / "adapter_model.safetensors").exists() or (path / "adapter_model.bin").exists()
+    missing = [name for name in ADAPTER_FILES if not (path / name).exists()]
+    if not (path / "adapter_config.json").exists() or not has_weights:
+        return (f"Thai model not found at {lora_path}: the folder lacks {', '.join(missing)} "
+                f"(expected {', '.join(ADAPTER_FILES)})")
+    return None
+
+
+def hub_reachable(timeout_s: float) -> bool:
+    """A TCP connect to the hub, bounded by ``timeout_s``: no minutes of retries when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def base_model_cached(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False
+    try:
+        found = try_to_load_from_cache(model_id, "config.json")
+    except Exception:  # invalid repo id and the like
+        return False
+    return isinstance(found, str)
+
+
+def locate_model(settings: ModelSettings) -> ModelSource:
+    """Decide what to load, falling back to the demo checkpoint in development."""
+    problems: list[str] = []
+    adapter = settings.lora_path or None
+    if adapter:
+        msg = missing_adapter_message(adapter)
+        if msg:
+            problems.append(msg)
+    base = settings.base_model
+    if not Path(base).is_dir() and not base_model_cached(base):
+        if not hub_reachable(settings.hub_timeout_s):
+            problems.append(
+                f"base model {base!r} is not on disk or in the Hugging Face cache, and the hub "
+                f"cannot be reached (checked in {settings.hub_timeout_s:g}s)"
+            )
+    if not problems:
+        return ModelSource(base_model=base, adapter=adapter)
+    reason = "; ".join(problems)
+    if settings.require_model:
+        raise ModelLoadError(reason)
+    from api.engine.demo_checkpoint import ensure_demo_checkpoint
+
+    log.warning("=" * 72)
+    log.warning("%s", reason)
+    log.warning("FALLING BACK TO THE DEMO CHECKPOINT at %s: random weights, output is NOT "
+                "meaningful. Set THAI_REQUIRE_MODEL=true to exit instead.", settings.demo_dir)
+    log.warning("=" * 72)
+    base_dir, lora_dir = ensure_demo_checkpoint(settings.demo_dir)
+    return ModelSource(base_model=str(base_dir), adapter=str(lora_dir), demo=True, reason=reason)
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("THAI_DEVICE=cuda but no CUDA device is visible to torch "
+                             "(install the CUDA build of torch, or use THAI_DEVICE=cpu)")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str):
+    import torch
+
+    if requested == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, requested)
+
+
+def load_model_bundle(settings: ModelSettings) -> ModelBundle:
+    """Load tokenizer, base model and adapter. Blocking: call it off the event loop."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(settings.device)
+    if settings.quantization != "none" and device != "cuda":
+        raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} needs a CUDA GPU "
+                             "(bitsandbytes); use THAI_QUANTIZATION=none on CPU")
+    dtype = resolve_dtype(settings.dtype, device)
+    source = locate_model(settings)
+
+    tok_dir = source.adapter if source.adapter and all(
+        (Path(source.adapter) / f).exists() for f in TOKENIZER_FILES[:1]) else source.base_model
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if settings.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=settings.quantization == "8bit",
+            load_in_4bit=settings.quantization == "4bit",
+            llm_int8_threshold=6.0,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.base_model, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load base model {source.base_model!r}: {exc}") from exc
+    if settings.quantization == "none":
+        model = model.to(device)
+    if source.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter)
+        if settings.merge_lora and settings.quantization == "none":
+            model = model.merge_and_unload()
+    model.eval()
+
+    eos: set[int] = set()
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        eos.add(gen_eos)
+    elif gen_eos:
+        eos.update(gen_eos)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    config = model.config
+    max_context = int(getattr(config, "max_position_embeddings", 0) or 4096)
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=str(dtype).replace("torch.", ""),
+        source=source,
+        eos_token_ids=tuple(sorted(eos)),
+        max_context=max_context,
+    )

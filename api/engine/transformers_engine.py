@@ -1,0 +1,183 @@
+"""The real engine: transformers + peft behind the continuous-batching scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence as Seq
+
+from api.engine.base import Engine, EngineInfo, EngineState
+from api.engine.errors import (
+    ContextLengthExceededError,
+    EngineDeadError,
+    ModelLoadError,
+    ModelNotReadyError,
+)
+from api.engine.loader import ModelBundle, load_model_bundle
+from api.engine.metrics import EngineMetrics
+from api.engine.types import GenerationChunk, GenerationRequest
+from api.settings import ModelSettings
+
+log = logging.getLogger("thai.engine")
+
+
+class TransformersEngine(Engine):
+    def __init__(self, settings: ModelSettings):
+        self.settings = settings
+        self.info = EngineInfo(model_name=settings.served_model_name,
+                               max_batch_size=settings.max_batch_size)
+        self.metrics = EngineMetrics(settings.served_model_name)
+        self.state = EngineState.LOADING
+        self.error: str | None = None
+        self.started_at = time.time()
+        self.bundle: ModelBundle | None = None
+        self.scheduler = None  # BatchScheduler, created once the model is loaded
+        self._load_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._load_task = asyncio.create_task(self._load(), name="model-load")
+
+    async def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            bundle = await asyncio.to_thread(load_model_bundle, self.settings)
+        except ModelLoadError as exc:
+            self._fail(str(exc))
+            return
+        except Exception as exc:  # pragma: no cover - unexpected loader failure
+            log.exception("model failed to load")
+            self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        from api.engine.scheduler import BatchScheduler  # imports torch: keep it off start-up
+
+        self.bundle = bundle
+        self.info.base_model = bundle.source.base_model
+        self.info.adapter = bundle.source.adapter
+        self.info.demo = bundle.source.demo
+        self.info.device = bundle.device
+        self.info.dtype = bundle.dtype
+        self.info.max_context = bundle.max_context
+        self.scheduler = BatchScheduler(
+            bundle, max_batch_size=self.settings.max_batch_size,
+            max_waiting=self.settings.max_waiting,
+            request_timeout_s=self.settings.request_timeout_s, metrics=self.metrics)
+        self.scheduler.start()
+        self.state = EngineState.READY
+        log.info("model ready in %.1fs: base=%s adapter=%s device=%s dtype=%s%s",
+                 time.perf_counter() - t0, bundle.source.base_model, bundle.source.adapter,
+                 bundle.device, bundle.dtype, " (DEMO CHECKPOINT)" if bundle.source.demo else "")
+
+    def _fail(self, message: str) -> None:
+        self.state = EngineState.ERROR
+        self.error = message
+        log.error("model failed to load: %s", message)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        if self._load_task is not None:
+            await asyncio.wait_for(asyncio.shield(self._load_task), timeout)
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            await asyncio.wait([self._load_task])
+        if self.scheduler is not None:
+            await asyncio.to_thread(self.scheduler.stop)
+        self.state = EngineState.STOPPED
+        self.scheduler = None
+        self.bundle = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+    # ----------------------------------------------------------- tokenizer
+    def _require_bundle(self) -> ModelBundle:
+        if self.state is EngineState.READY and self.scheduler is not None and self.scheduler.dead:
+            self.state = EngineState.ERROR
+            self.error = f"engine worker died: {self.scheduler.dead!r}"
+        if self.state is EngineState.ERROR:
+            raise EngineDeadError(self.error or "engine failed")
+        if self.bundle is None or self.state is not EngineState.READY:
+            raise ModelNotReadyError("the model is still loading; retry in a few seconds")
+        return self.bundle
+
+    def encode_chat(self, messages: Seq[dict[str, str]]) -> list[int]:
+        tokenizer = self._require_bundle().tokenizer
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        return list(ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._require_bundle().tokenizer.encode(text, add_special_tokens=False))
+
+    # ----------------------------------------------------------- generation
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Admit the request now (errors raise here, before any byte is sent), stream later."""
+        bundle = self._require_bundle()
+        budget = bundle.max_context - len(request.prompt_ids)
+        if budget < request.params.max_tokens:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {bundle.max_context} tokens. However, "
+                f"you requested {len(request.prompt_ids) + request.params.max_tokens} tokens "
+                f"({len(request.prompt_ids)} in the messages, {request.params.max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.")
+        assert self.scheduler is not None
+        queue: asyncio.Queue[GenerationChunk] = asyncio.Queue()
+        seq = self.scheduler.submit(request, asyncio.get_running_loop(), queue)
+        return GenerationStream(self.scheduler, seq, queue)
+
+    def stats(self) -> tuple[int, int]:
+        return self.scheduler.stats() if self.scheduler else (0, 0)
+
+    def memory_mb(self) -> float | None:
+        if self.bundle is not None and self.bundle.device == "cuda":
+            import torch
+
+            return torch.cuda.memory_allocated() / 2**20
+        try:
+            import psutil
+
+            return psutil.Process(os.getpid()).memory_info().rss / 2**20
+        except ImportError:  # pragma: no cover
+            return None
+
+
+class GenerationStream:
+    """Async iterator over one request's chunks.
+
+    Closing it, even before the first chunk was read, cancels the generation:
+    a plain async generator would skip its ``finally`` if never started.
+    """
+
+    def __init__(self, scheduler, seq, queue: asyncio.Queue):
+        self._scheduler, self._seq, self._queue = scheduler, seq, queue
+        self._finished = False
+
+    def __aiter__(self) -> "GenerationStream":
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the client went away
+            await self.aclose()
+            raise
+        if chunk.error is not None or chunk.finished:
+            self._finished = True
+        if chunk.error is not None:
+            raise chunk.error
+        return chunk
+
+    async def aclose(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._scheduler.abort(self._seq)

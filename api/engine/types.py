@@ -1,0 +1,49 @@
+"""Plain data that crosses the engine boundary."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate for one request; honoured per sequence inside a batch."""
+
+    max_tokens: int = 150
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    no_repeat_ngram_size: int = 3
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5
+
+
+@dataclass
+class GenerationRequest:
+    """A tokenized prompt and its sampling parameters."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One piece of a generation: new text, and on the last chunk the totals.
+
+    ``text`` may be empty (a token that completes no character yet); the last
+    chunk has ``finished=True`` and a ``finish_reason`` of ``stop`` or ``length``.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    error: BaseException | None = None

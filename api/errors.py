@@ -1,0 +1,141 @@
+"""One error model and one mapper from exception class to HTTP status.
+
+Every error leaves the server in OpenAI's envelope
+``{"error": {"message", "type", "param", "code"}}``, so the official client
+raises its typed exceptions (``NotFoundError``, ``RateLimitError``, ...).
+Routes never build error responses themselves: they raise, and the handlers
+registered by :func:`install_error_handlers` translate.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.engine.errors import (
+    ContextLengthExceededError,
+    EngineDeadError,
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineOverloadedError,
+    GenerationTimeoutError,
+    ModelLoadError,
+    ModelNotReadyError,
+)
+from api.protocol import ErrorDetail, ErrorResponse
+
+log = logging.getLogger("thai.api")
+
+
+class APIError(Exception):
+    """An error raised by the serving layer with its OpenAI type and code."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+
+
+class ModelNotFoundError(APIError):
+    status_code = 404
+
+    def __init__(self, name: str, served: str):
+        super().__init__(f"The model `{name}` does not exist. This server serves `{served}`.",
+                         param="model", code="model_not_found")
+
+
+# Exception class -> (status, OpenAI error type, code). The one place statuses live.
+ENGINE_ERRORS: dict[type[EngineError], tuple[int, str, str | None]] = {
+    ContextLengthExceededError: (400, "invalid_request_error", "context_length_exceeded"),
+    EngineOverloadedError: (429, "rate_limit_error", "server_overloaded"),
+    ModelNotReadyError: (503, "service_unavailable", "model_not_ready"),
+    ModelLoadError: (503, "service_unavailable", "model_load_failed"),
+    EngineOutOfMemoryError: (503, "service_unavailable", "out_of_memory"),
+    EngineDeadError: (503, "service_unavailable", "engine_dead"),
+    GenerationTimeoutError: (504, "timeout", "request_timeout"),
+}
+
+
+def error_body(status: int, message: str, error_type: str, param: str | None = None,
+               code: str | int | None = None) -> dict:
+    return ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param,
+                                           code=code)).model_dump()
+
+
+def status_for(exc: BaseException) -> tuple[int, str, str | None]:
+    """Status, type and code for any exception (walks the class hierarchy)."""
+    if isinstance(exc, APIError):
+        return exc.status_code, exc.error_type, exc.code
+    for cls in type(exc).__mro__:
+        if cls in ENGINE_ERRORS:
+            return ENGINE_ERRORS[cls]
+    return 500, "internal_server_error", None
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, error_type, code = status_for(exc)
+    if status >= 500 and not isinstance(exc, (APIError, EngineError)):
+        log.error("unhandled error: %r", exc, exc_info=exc)
+        message = "Internal server error; the request id in the X-Request-ID header identifies it in the logs."
+    else:
+        message = getattr(exc, "message", None) or str(exc)
+    headers = {}
+    if isinstance(exc, EngineOverloadedError):
+        headers["Retry-After"] = str(exc.retry_after)
+    elif status == 503:
+        headers["Retry-After"] = "5"
+    param = getattr(exc, "param", None)
+    return JSONResponse(error_body(status, message, error_type, param, code), status_code=status,
+                        headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    text = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return f"Request body is not valid JSON: {first.get('ctx', {}).get('error', text)}", None
+    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    return (f"{param}: {text}" if param else text) + more, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(400, message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        try:
+            phrase = HTTPStatus(exc.status_code).phrase
+        except ValueError:
+            phrase = "error"
+        message = exc.detail if isinstance(exc.detail, str) else phrase
+        error_type = "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
+        return JSONResponse(error_body(exc.status_code, message, error_type), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(APIError)
+    @app.exception_handler(EngineError)
+    async def _known(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _unknown(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)

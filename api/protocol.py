@@ -1,0 +1,237 @@
+"""Request and response schemas: the OpenAI chat API, the seed's summarize API,
+health and model listing.
+
+Validation lives here (``Field(ge=..., le=...)``), so routes and the serving
+layer receive values that are already within bounds, and ``/docs`` shows every
+field with its limits.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+MAX_STOP_SEQUENCES = 8
+
+
+class TextPart(BaseModel):
+    """One text part of a message content list (OpenAI's multi-part content)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"] = "text"
+    text: str = Field(max_length=1_000_000)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="Who wrote the message; 'developer' is treated as 'system'."
+    )
+    content: str | list[TextPart] | None = Field(
+        None, description="A string, or a list of text parts that are joined."
+    )
+    name: str | None = Field(None, max_length=256)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(False, description="Send a last chunk with token usage.")
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request, plus vLLM's min_tokens / ignore_eos."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(None, max_length=256, description="Served model name.")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Same as max_tokens (newer OpenAI name); wins when both are set."
+    )
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, description="Up to 8 stop strings.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    user: str | None = Field(None, max_length=256)
+    # vLLM extensions, needed by benchmarks for fixed-length outputs.
+    min_tokens: int = Field(0, ge=0, description="Generate at least this many tokens (vLLM).")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (vLLM).")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=32, description="Extension.")
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(not s for s in stops) or any(len(s) > 256 for s in stops):
+            raise ValueError("stop sequences must be 1 to 256 characters")
+        return stops
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def unsupported_fields(self) -> list[str]:
+        """Fields sent that we do not honour (logged, never an error)."""
+        extra = list((self.model_extra or {}).keys())
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                extra.append(name)
+        return extra
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=_completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    """A streamed delta; absent fields are left out of the JSON, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class SummarizeRequest(BaseModel):
+    """The seed's summarize request."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str = Field(min_length=1, max_length=200_000, description="Thai text to summarize.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens in the summary.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    model: str | None = Field(None, max_length=256, description="Optional; checked when given.")
+
+
+class SummarizeUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SummarizeResponse(BaseModel):
+    summary: str
+    model: str
+    usage: SummarizeUsage
+    finish_reason: FinishReason
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "thai-llm-serving"
+    root: str | None = Field(None, description="Base model the adapter sits on.")
+    demo: bool = Field(False, description="True when serving the offline demo checkpoint.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["loading", "ok", "error"]
+    model_loaded: bool
+    model: str
+    base_model: str | None = None
+    adapter: str | None = None
+    demo: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    memory_mb: float | None = Field(None, description="Model memory (GPU when on GPU, else process RSS).")
+    uptime_s: float
+    error: str | None = None
+    requests_running: int = 0
+    requests_waiting: int = 0
+
+
+class ServerInfo(BaseModel):
+    name: str
+    version: str
+    model: str
+    endpoints: dict[str, str]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope, used for every error the server returns."""
+
+    error: ErrorDetail
+
+
+JSONDict = Annotated[dict[str, Any], Field()]

@@ -1,0 +1,1 @@
+"""Thin HTTP routers: parse, call :class:`api.serving.Serving`, return data."""

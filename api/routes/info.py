@@ -1,0 +1,67 @@
+"""Server information, health and the model list."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from api import __version__
+from api.engine import EngineState
+from api.protocol import ErrorResponse, HealthResponse, ModelCard, ModelList, ServerInfo
+
+router = APIRouter()
+
+ENDPOINTS = {
+    "GET /": "Server information and available endpoints",
+    "GET /health": "Health check and model status",
+    "GET /v1/models": "List available models (OpenAI-compatible)",
+    "POST /v1/chat/completions": "OpenAI-compatible chat completions (streaming too)",
+    "POST /v1/summarize": "Thai text summarization",
+    "GET /docs": "Interactive API documentation (Swagger UI)",
+    "GET /redoc": "Alternative API documentation",
+    "GET /metrics": "Prometheus metrics",
+    "GET /ui/": "Summarize and chat in the browser",
+}
+
+
+@router.get("/", response_model=ServerInfo, summary="Server information",
+            responses={307: {"description": "Browsers are sent to the UI"}})
+async def root(request: Request):
+    """JSON for API clients; a browser (``Accept: text/html``) is redirected to the UI."""
+    accept = request.headers.get("accept", "")
+    if "text/html" in accept and getattr(request.app.state, "ui_mounted", False):
+        return RedirectResponse(url=str(request.url_for("root")) + "ui/", status_code=307)
+    settings = request.app.state.settings
+    return ServerInfo(name="Thai LLM API", version=__version__,
+                      model=settings.model.served_model_name, endpoints=ENDPOINTS)
+
+
+@router.get("/health", response_model=HealthResponse, summary="Health check and model status",
+            responses={503: {"model": HealthResponse, "description": "Loading or failed"}})
+async def health(request: Request):
+    """200 when the model is loaded and the engine alive, 503 while loading or after a failure."""
+    engine = request.app.state.engine
+    info = engine.info
+    running, waiting = engine.stats()
+    dead = getattr(getattr(engine, "scheduler", None), "dead", None)
+    state = engine.state
+    if state is EngineState.READY and dead is not None:
+        state = EngineState.ERROR
+    status = {"ready": "ok", "loading": "loading"}.get(state.value, "error")
+    body = HealthResponse(
+        status=status, model_loaded=state is EngineState.READY, model=info.model_name,
+        base_model=info.base_model, adapter=info.adapter, demo=info.demo, device=info.device,
+        dtype=info.dtype, memory_mb=engine.memory_mb(), uptime_s=round(time.time() - engine.started_at, 3),
+        error=engine.error or (repr(dead) if dead else None),
+        requests_running=running, requests_waiting=waiting)
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+
+
+@router.get("/v1/models", response_model=ModelList, summary="List models (OpenAI-compatible)",
+            responses={401: {"model": ErrorResponse}})
+async def list_models(request: Request) -> ModelList:
+    info = request.app.state.engine.info
+    return ModelList(data=[ModelCard(id=info.model_name, created=info.created,
+                                     root=info.base_model, demo=info.demo)])

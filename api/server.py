@@ -1,0 +1,107 @@
+"""The app factory: one ASGI app with the API, metrics and (optionally) the UI.
+
+Nothing is created at import time. ``create_app`` wires settings, engine and
+routers; the lifespan starts the engine (model loading runs in the background,
+so the server answers ``/health`` at once) and releases it on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_fastapi_instrumentator import Instrumentator
+
+from api import __version__
+from api.engine import Engine, EngineState
+from api.errors import install_error_handlers
+from api.routes import info, openai_chat, summarize
+from api.serving import Serving
+from api.settings import Settings
+
+log = logging.getLogger("thai.server")
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if engine is None:
+        from api.engine.transformers_engine import TransformersEngine
+
+        engine = TransformersEngine(settings.model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        watcher = asyncio.create_task(_exit_if_load_fails(app, engine, settings))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await engine.stop()
+
+    app = FastAPI(
+        title="Thai LLM API",
+        version=__version__,
+        description="A Thai fine-tuned Qwen2.5 model with a LoRA adapter: OpenAI-compatible chat "
+        "completions, Thai summarization, and a browser UI at /ui/.",
+        lifespan=lifespan,
+        root_path=settings.server.root_path,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.serving = Serving(engine, settings.model)
+    app.state.fatal_error = None
+    app.state.ui_mounted = False
+    app.state.shutdown_hook = None  # set by app.py to stop its uvicorn server
+
+    install_error_handlers(app)
+    if settings.server.cors_origins:
+        wildcard = settings.server.cors_origins == ["*"]
+        app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins,
+                           allow_credentials=not wildcard, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    app.include_router(info.router, tags=["info"])
+    app.include_router(openai_chat.router, tags=["openai"])
+    app.include_router(summarize.router, tags=["thai"])
+    _install_metrics(app, engine)
+    return app
+
+
+def _install_metrics(app: FastAPI, engine: Engine) -> None:
+    registry = CollectorRegistry()
+    Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app)
+
+    @app.get("/metrics", include_in_schema=True, tags=["info"], summary="Prometheus metrics",
+             response_class=Response)
+    async def metrics() -> Response:
+        payload = generate_latest(registry)
+        engine_metrics = getattr(engine, "metrics", None)
+        if engine_metrics is not None:
+            running, waiting = engine.stats()
+            engine_metrics.running.set(running)
+            engine_metrics.waiting.set(waiting)
+            payload += generate_latest(engine_metrics.registry)
+        return Response(payload, media_type=CONTENT_TYPE_LATEST)
+
+
+async def _exit_if_load_fails(app: FastAPI, engine: Engine, settings: Settings) -> None:
+    """In production (THAI_REQUIRE_MODEL) a model that cannot load ends the process."""
+    try:
+        await engine.wait_ready()
+    except Exception:  # pragma: no cover - wait_ready reports through engine.state
+        pass
+    if engine.state is EngineState.ERROR and settings.model.require_model:
+        app.state.fatal_error = engine.error
+        log.critical("model could not be loaded and THAI_REQUIRE_MODEL is set: %s", engine.error)
+        hook = getattr(app.state, "shutdown_hook", None)
+        if hook is not None:  # app.py: stop uvicorn and exit non-zero
+            hook()
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)

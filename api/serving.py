@@ -1,0 +1,198 @@
+"""Serving logic: turn API requests into engine calls and engine output into
+response objects. No HTTP here: routers turn these objects into responses, and
+the Gradio UI calls the same functions in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from api.engine import Engine, GenerationChunk, GenerationRequest, SamplingParams
+from api.errors import InvalidRequestError, ModelNotFoundError
+from api.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+    SummarizeRequest,
+    SummarizeResponse,
+    SummarizeUsage,
+    Usage,
+)
+from api.settings import ModelSettings
+from api.text import is_blank, normalize_text
+
+log = logging.getLogger("thai.serving")
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class Serving:
+    """Shared by the OpenAI routes, the summarize route and the UI."""
+
+    def __init__(self, engine: Engine, settings: ModelSettings):
+        self.engine = engine
+        self.settings = settings
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.model_name:
+            raise ModelNotFoundError(name, self.model_name)
+
+    # ------------------------------------------------------------ sampling
+    def sampling_params(self, *, max_tokens: int | None, temperature: float | None,
+                        top_p: float | None, stop: list[str] | None = None,
+                        seed: int | None = None, min_tokens: int = 0, ignore_eos: bool = False,
+                        no_repeat_ngram_size: int | None = None) -> SamplingParams:
+        s = self.settings
+        max_tokens = max_tokens if max_tokens is not None else s.max_new_tokens
+        if max_tokens > s.max_tokens_limit:
+            raise InvalidRequestError(
+                f"max_tokens is {max_tokens}, above this server's limit of {s.max_tokens_limit} "
+                "(THAI_MAX_TOKENS_LIMIT)", param="max_tokens", code="max_tokens_too_large")
+        if min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens ({min_tokens}) must not exceed max_tokens "
+                                      f"({max_tokens})", param="min_tokens")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=s.temperature if temperature is None else temperature,
+            top_p=s.top_p if top_p is None else top_p,
+            seed=seed,
+            stop=tuple(stop or ()),
+            min_tokens=min_tokens,
+            ignore_eos=ignore_eos,
+            no_repeat_ngram_size=(s.no_repeat_ngram_size if no_repeat_ngram_size is None
+                                  else no_repeat_ngram_size),
+        )
+
+    # ---------------------------------------------------------------- chat
+    def chat_messages(self, request: ChatCompletionRequest) -> list[dict[str, str]]:
+        messages = []
+        for i, message in enumerate(request.messages):
+            role = "system" if message.role == "developer" else message.role
+            messages.append({"role": role, "content": normalize_text(message.text())})
+        if all(is_blank(m["content"]) for m in messages if m["role"] == "user") and any(
+                m["role"] == "user" for m in messages):
+            raise InvalidRequestError("the user messages are empty (only whitespace or invisible "
+                                      "characters)", param="messages")
+        return messages
+
+    def chat_request(self, request: ChatCompletionRequest) -> GenerationRequest:
+        self.check_model(request.model)
+        ignored = request.unsupported_fields()
+        if ignored:
+            log.info("ignoring unsupported request field(s): %s", ", ".join(sorted(ignored)))
+        params = self.sampling_params(
+            max_tokens=request.requested_max_tokens(), temperature=request.temperature,
+            top_p=request.top_p, stop=request.stop, seed=request.seed,
+            min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
+            no_repeat_ngram_size=request.no_repeat_ngram_size)
+        prompt_ids = self.engine.encode_chat(self.chat_messages(request))
+        return GenerationRequest(prompt_ids=prompt_ids, params=params)
+
+    async def complete(self, gen: GenerationRequest) -> Completion:
+        parts: list[str] = []
+        last: GenerationChunk | None = None
+        stream = self.engine.generate(gen)
+        try:
+            async for chunk in stream:
+                parts.append(chunk.text)
+                last = chunk
+        finally:
+            await stream.aclose()
+        assert last is not None and last.finished
+        return Completion("".join(parts), last.prompt_tokens, last.completion_tokens,
+                          last.finish_reason or "stop")
+
+    async def chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        result = await self.complete(self.chat_request(request))
+        return ChatCompletionResponse(
+            model=self.model_name,
+            choices=[ChatCompletionChoice(message=ChatCompletionMessage(content=result.text),
+                                          finish_reason=result.finish_reason)],
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+        )
+
+    def chat_completion_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Admit now (errors raise before streaming), then yield SSE ``data:`` lines."""
+        stream = self.engine.generate(self.chat_request(request))
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return self._sse(stream, include_usage)
+
+    async def _sse(self, stream: AsyncIterator[GenerationChunk], include_usage: bool) -> AsyncIterator[str]:
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
+            chunk = ChatCompletionChunk(id=ident, created=created, model=self.model_name,
+                                        choices=choices, usage=usage)
+            return f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
+
+        yield event([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+        try:
+            async for chunk in stream:
+                if chunk.text or chunk.finished:
+                    yield event([ChatCompletionChunkChoice(
+                        delta=DeltaMessage(content=chunk.text) if chunk.text else DeltaMessage(),
+                        finish_reason=chunk.finish_reason if chunk.finished else None)])
+                if chunk.finished:
+                    if include_usage:
+                        yield event([], _usage(chunk.prompt_tokens, chunk.completion_tokens))
+        except Exception as exc:  # mid-stream failure: an OpenAI error event, then [DONE]
+            from api.errors import error_body, status_for
+
+            status, error_type, code = status_for(exc)
+            message = str(exc) if status < 500 or hasattr(exc, "retry_after") or code else "internal error"
+            if status >= 500 and code is None:
+                log.exception("stream failed")
+            yield f"data: {json.dumps(error_body(status, message, error_type, None, code), ensure_ascii=False)}\n\n"
+        finally:  # the client left mid-stream: stop generating for it
+            await stream.aclose()
+        yield "data: [DONE]\n\n"
+
+    # ----------------------------------------------------------- summarize
+    def summary_messages(self, text: str) -> list[dict[str, str]]:
+        text = normalize_text(text).strip()
+        if is_blank(text):
+            raise InvalidRequestError("text is empty (only whitespace or invisible characters); "
+                                      "send the Thai text to summarize", param="text")
+        messages = []
+        if self.settings.summary_system_prompt:
+            messages.append({"role": "system", "content": self.settings.summary_system_prompt})
+        messages.append({"role": "user", "content": self.settings.summary_prompt.replace("{text}", text)})
+        return messages
+
+    def summary_request(self, request: SummarizeRequest) -> GenerationRequest:
+        self.check_model(request.model)
+        params = self.sampling_params(max_tokens=request.max_tokens,
+                                      temperature=request.temperature, top_p=request.top_p)
+        return GenerationRequest(prompt_ids=self.engine.encode_chat(self.summary_messages(request.text)),
+                                 params=params)
+
+    async def summarize(self, request: SummarizeRequest) -> SummarizeResponse:
+        result = await self.complete(self.summary_request(request))
+        return SummarizeResponse(
+            summary=result.text.strip(), model=self.model_name, finish_reason=result.finish_reason,
+            usage=SummarizeUsage(input_tokens=result.prompt_tokens,
+                                 output_tokens=result.completion_tokens,
+                                 total_tokens=result.prompt_tokens + result.completion_tokens))
+
+
+def _usage(prompt: int, completion: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

@@ -1,0 +1,222 @@
+"""All configuration in one place.
+
+Every knob is a pydantic-settings field with a description and bounds, read from
+``THAI_*`` environment variables (or a ``.env`` file). The command line of
+``app.py`` is derived from the same fields (:func:`build_arg_parser`), so a flag,
+an environment variable and the documentation can never disagree.
+
+Model settings (what to load, how to generate) are kept apart from server
+settings (where and how to listen), so the engine never sees HTTP concerns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_ENV = SettingsConfigDict(env_prefix="THAI_", env_file=".env", extra="ignore")
+
+DEFAULT_SUMMARY_PROMPT = (
+    "สรุปข้อความต่อไปนี้เป็นภาษาไทยให้กระชับและครบประเด็นสำคัญ:\n\n{text}"
+)
+
+
+class ModelSettings(BaseSettings):
+    """What model to load and how to generate with it."""
+
+    model_config = _ENV
+
+    base_model: str = Field(
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        min_length=1,
+        description="Base model: a Hugging Face hub id or a local directory.",
+    )
+    lora_path: str = Field(
+        "./models/qwen_thai_lora",
+        description="Directory of the peft LoRA adapter; empty for none.",
+    )
+    merge_lora: bool = Field(
+        True, description="Merge the adapter into the base weights at load (faster generation)."
+    )
+    served_model_name: str = Field(
+        "thai-qwen-lora",
+        min_length=1,
+        max_length=128,
+        description="Model name shown by /v1/models and accepted in requests.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to run the model: auto picks cuda when available."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype: auto is bf16/fp16 on GPU, fp32 on CPU."
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="bitsandbytes quantization (CUDA only)."
+    )
+    require_model: bool = Field(
+        False,
+        description="Exit when the configured model cannot be loaded instead of "
+        "falling back to the offline demo checkpoint (set in production).",
+    )
+    demo_dir: str = Field(
+        "./models/demo",
+        min_length=1,
+        description="Where the generated demo checkpoint lives (created on demand).",
+    )
+    hub_timeout_s: float = Field(
+        3.0, gt=0, le=60, description="Seconds to wait when checking whether the hub is reachable."
+    )
+    max_new_tokens: int = Field(
+        150, ge=1, le=8192, description="Default number of tokens to generate."
+    )
+    max_tokens_limit: int = Field(
+        2048, ge=1, le=32768, description="Largest max_tokens a request may ask for."
+    )
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default sampling temperature.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Default nucleus sampling top_p.")
+    no_repeat_ngram_size: int = Field(
+        3, ge=0, le=32, description="Default n-gram size that may not repeat (0 disables)."
+    )
+    summary_prompt: str = Field(
+        DEFAULT_SUMMARY_PROMPT,
+        min_length=6,
+        description="Prompt template for /v1/summarize; must contain {text}.",
+    )
+    summary_system_prompt: str = Field(
+        "คุณเป็นผู้ช่วยที่สรุปข้อความภาษาไทยได้อย่างถูกต้องและกระชับ",
+        description="System message sent with summarization requests (empty for none).",
+    )
+    max_batch_size: int = Field(
+        16, ge=1, le=512, description="Most sequences decoded together in one forward pass."
+    )
+    max_waiting: int = Field(
+        64, ge=0, le=100000, description="Most requests waiting for a slot; more get HTTP 429."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, le=86400, description="Deadline for one generation, queue time included."
+    )
+
+    @field_validator("summary_prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if "{text}" not in value:
+            raise ValueError("must contain the placeholder {text}")
+        return value
+
+
+class ServerSettings(BaseSettings):
+    """Where and how the HTTP server listens."""
+
+    model_config = _ENV
+
+    host: str = Field("0.0.0.0", min_length=1, description="Interface to bind.")
+    port: int = Field(
+        8001, ge=1, le=65535, description="TCP port (on Spaces, GRADIO_SERVER_PORT is used)."
+    )
+    root_path: str = Field(
+        "", description="URL prefix when served behind a proxy under a sub-path (e.g. /thai)."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma separated); off when empty."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level."
+    )
+    access_log: bool = Field(True, description="Log one line per HTTP request.")
+    enable_ui: bool = Field(True, description="Mount the Gradio UI at /ui/.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard_mix(cls, value: list[str]) -> list[str]:
+        if "*" in value and len(value) > 1:
+            raise ValueError("'*' cannot be combined with other origins")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spaces_port(cls, data: object) -> object:
+        """On Hugging Face Spaces the platform picks the port via GRADIO_SERVER_PORT."""
+        if isinstance(data, dict) and "port" not in data and "THAI_PORT" not in os.environ:
+            spaces_port = os.environ.get("GRADIO_SERVER_PORT")
+            if spaces_port:
+                data = {**data, "port": spaces_port}
+        return data
+
+
+class Settings:
+    """The two groups together; what ``create_app`` takes."""
+
+    def __init__(self, model: ModelSettings | None = None, server: ServerSettings | None = None):
+        self.model = model if model is not None else ModelSettings()
+        self.server = server if server is not None else ServerSettings()
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, object] | None = None) -> "Settings":
+        """Build from the environment plus explicit values (CLI flags, tests)."""
+        overrides = overrides or {}
+        model_keys = set(ModelSettings.model_fields)
+        server_keys = set(ServerSettings.model_fields)
+        unknown = set(overrides) - model_keys - server_keys
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        try:
+            model = ModelSettings(**{k: v for k, v in overrides.items() if k in model_keys})
+            server = ServerSettings(**{k: v for k, v in overrides.items() if k in server_keys})
+        except ValidationError as exc:
+            raise SettingsError(describe_validation_error(exc)) from None
+        return cls(model, server)
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names it in one line."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        parts.append(f"THAI_{name.upper()} (--{name.replace('_', '-')}): {err['msg']}"
+                     f" (got {err.get('input')!r})")
+    return "invalid setting: " + "; ".join(parts)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """A flag for every settings field, named and described after the field."""
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="Serve the Thai LoRA Qwen model: OpenAI-compatible API and Gradio UI. "
+        "Every option can also be set as an environment variable THAI_<NAME>.",
+    )
+    for group_name, cls in (("model", ModelSettings), ("server", ServerSettings)):
+        group = parser.add_argument_group(f"{group_name} settings")
+        for name, field in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            help_text = f"{field.description} [env THAI_{name.upper()}; default {field.get_default(call_default_factory=True)!r}]"
+            help_text = help_text.replace("%", "%%")
+            if field.annotation is bool:
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def settings_from_cli(argv: list[str] | None = None) -> Settings:
+    args = build_arg_parser().parse_args(argv)
+    return Settings.from_overrides(vars(args))
+
+
+def resolve_path(path: str) -> Path:
+    return Path(path).expanduser().resolve()

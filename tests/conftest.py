@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support import ServerProcess, start_server
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """The generated Qwen2-architecture checkpoint (base + LoRA) used by real-model tests."""
+    from api.engine.demo_checkpoint import build_demo_checkpoint
+
+    return build_demo_checkpoint(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def model_env(demo_checkpoint) -> dict[str, str]:
+    base, lora = demo_checkpoint
+    return {"THAI_BASE_MODEL": str(base), "THAI_LORA_PATH": str(lora), "THAI_REQUIRE_MODEL": "true"}
+
+
+@pytest.fixture(scope="session")
+def live_server(model_env, tmp_path_factory):
+    """One real server process for the read-mostly API tests."""
+    server: ServerProcess = start_server(model_env, tmp_path_factory.mktemp("logs"))
+    yield server
+    server.stop()

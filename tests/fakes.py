@@ -1,0 +1,71 @@
+"""A fake engine for unit tests of the serving layer (the real-model tests are separate)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from api.engine import Engine, EngineInfo, EngineState, GenerationChunk, GenerationRequest
+
+
+class FakeEngine(Engine):
+    """Tokens are characters; the reply echoes the last user message, one char per token."""
+
+    def __init__(self, *, ready: bool = True, delay: float = 0.0, fail: BaseException | None = None,
+                 max_context: int = 4096):
+        self.info = EngineInfo(model_name="thai-qwen-lora", base_model="fake/base", adapter="fake/lora",
+                               device="cpu", dtype="float32", max_context=max_context)
+        self.state = EngineState.LOADING
+        self._ready, self.delay, self.fail = ready, delay, fail
+        self.started_at = 0.0
+        self.requests: list[GenerationRequest] = []
+        self.cancelled = 0
+
+    async def start(self) -> None:
+        import time
+
+        self.started_at = time.time()
+        if self._ready:
+            self.state = EngineState.READY
+
+    async def stop(self) -> None:
+        self.state = EngineState.STOPPED
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        if self.state is not EngineState.READY:
+            from api.engine.errors import ModelNotReadyError
+
+            raise ModelNotReadyError("the model is still loading")
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return [ord(c) for c in text]
+
+    def count_tokens(self, text: str) -> int:
+        return len(text)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        from api.engine.errors import ContextLengthExceededError
+
+        if len(request.prompt_ids) + request.params.max_tokens > self.info.max_context:
+            raise ContextLengthExceededError("too long")
+        self.requests.append(request)
+        return self._run(request)
+
+    async def _run(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        prompt = "".join(chr(i) for i in request.prompt_ids)
+        reply = prompt.rsplit(">", 1)[-1][::-1] or "?"
+        n = len(request.prompt_ids)
+        emitted = 0
+        finished = False
+        try:
+            for i, ch in enumerate(reply[: request.params.max_tokens]):
+                if self.fail is not None and i == 1:
+                    raise self.fail
+                await asyncio.sleep(self.delay)
+                emitted += 1
+                last = emitted == min(len(reply), request.params.max_tokens)
+                reason = None if not last else ("length" if len(reply) > request.params.max_tokens else "stop")
+                finished = last
+                yield GenerationChunk(ch, n, emitted, finished=last, finish_reason=reason)
+        finally:
+            if not finished:
+                self.cancelled += 1

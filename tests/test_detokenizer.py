@@ -1,0 +1,44 @@
+"""Incremental detokenization: Thai split across byte-level tokens, stop strings held back."""
+
+from __future__ import annotations
+
+from api.engine.detokenizer import IncrementalDetokenizer
+
+
+class ByteTokenizer:
+    """Each token is one UTF-8 byte, the worst case for Thai (3 bytes a character)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def feed(text: str, stop=()):
+    detok = IncrementalDetokenizer(ByteTokenizer(), tuple(stop))
+    deltas = []
+    for b in text.encode():
+        detok.add(b)
+        cut = detok.find_stop()
+        if cut >= 0:
+            deltas.append(detok.take(cut_at=cut))
+            return deltas, True
+        deltas.append(detok.take())
+    deltas.append(detok.take(final=True))
+    return deltas, False
+
+
+def test_thai_never_emits_replacement_characters():
+    deltas, _ = feed("ภาษาไทย สวัสดี")
+    assert "".join(deltas) == "ภาษาไทย สวัสดี"
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stop_string_cut_and_never_partially_emitted():
+    deltas, stopped = feed("สรุป: ข่าวดี END แล้ว", stop=["END"])
+    assert stopped
+    assert "".join(deltas) == "สรุป: ข่าวดี "
+    assert not any("E" in d for d in deltas)
+
+
+def test_held_back_prefix_released_when_not_a_stop():
+    deltas, stopped = feed("abc ENx", stop=["END"])
+    assert not stopped and "".join(deltas) == "abc ENx"

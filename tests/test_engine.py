@@ -1,0 +1,128 @@
+"""The real engine on the generated checkpoint: batching correctness, stops, limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from api.engine.errors import EngineOverloadedError, GenerationTimeoutError
+from api.engine.transformers_engine import TransformersEngine
+from api.engine.types import GenerationRequest, SamplingParams
+from api.settings import ModelSettings
+
+PROMPTS = [
+    "สวัสดีครับ",
+    "ประเทศไทยมีจังหวัดกี่จังหวัด ตอบให้ละเอียดพร้อมยกตัวอย่างจังหวัดในภาคเหนือและภาคใต้",
+    "hello",
+    "ข่าววันนี้เกี่ยวกับเศรษฐกิจไทยและการท่องเที่ยว",
+    "สรุปประโยชน์ของการออกกำลังกาย",
+]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(demo_checkpoint, **overrides) -> TransformersEngine:
+    base, lora = demo_checkpoint
+    engine = TransformersEngine(ModelSettings(base_model=str(base), lora_path=str(lora),
+                                              require_model=True, **overrides))
+    await engine.start()
+    await engine.wait_ready()
+    assert engine.ready, engine.error
+    return engine
+
+
+async def generate(engine, prompt, delay=0.0, **params):
+    await asyncio.sleep(delay)
+    params = {"max_tokens": 24, "temperature": 0.0, "no_repeat_ngram_size": 0, **params}
+    ids = engine.encode_chat([{"role": "user", "content": prompt}])
+    chunks = [c async for c in engine.generate(GenerationRequest(ids, SamplingParams(**params)))]
+    last = chunks[-1]
+    return "".join(c.text for c in chunks), last.completion_tokens, last.finish_reason
+
+
+def test_batched_equals_single_greedy(demo_checkpoint):
+    """Prompts of different lengths, batched and joining mid-flight, match single runs."""
+    async def main():
+        engine = await started(demo_checkpoint)
+        try:
+            single = [await generate(engine, p) for p in PROMPTS]
+            together = await asyncio.gather(*[generate(engine, p) for p in PROMPTS])
+            staggered = await asyncio.gather(*[generate(engine, p, delay=0.004 * i)
+                                               for i, p in enumerate(PROMPTS)])
+            mixed = await asyncio.gather(*[generate(engine, p, max_tokens=6 + 5 * i)
+                                           for i, p in enumerate(PROMPTS)])
+        finally:
+            await engine.stop()
+        return single, together, staggered, mixed
+
+    single, together, staggered, mixed = run(main())
+    assert together == single
+    assert staggered == single
+    for i, (text, n, _) in enumerate(mixed):  # rows leaving early do not disturb the others
+        assert n == 6 + 5 * i
+        assert single[i][0].startswith(text)
+
+
+def test_fixed_length_and_stop_strings(demo_checkpoint):
+    async def main():
+        engine = await started(demo_checkpoint)
+        try:
+            fixed = await generate(engine, PROMPTS[1], max_tokens=40, min_tokens=40, ignore_eos=True,
+                                   temperature=0.8, seed=1)
+            free = await generate(engine, PROMPTS[1], max_tokens=30)
+            stop_at = free[0][5:8]
+            stopped = await generate(engine, PROMPTS[1], max_tokens=30, stop=(stop_at,))
+            seeded = [await generate(engine, PROMPTS[0], temperature=1.0, seed=7) for _ in range(2)]
+        finally:
+            await engine.stop()
+        return fixed, free, stop_at, stopped, seeded
+
+    fixed, free, stop_at, stopped, seeded = run(main())
+    assert fixed[1:] == (40, "length")
+    assert stopped[2] == "stop"
+    assert stop_at not in stopped[0]
+    assert free[0].startswith(stopped[0])
+    assert seeded[0] == seeded[1]
+
+
+def test_overload_and_cancel_free_slots(demo_checkpoint):
+    async def main():
+        engine = await started(demo_checkpoint, max_batch_size=2, max_waiting=1)
+        ids = engine.encode_chat([{"role": "user", "content": "สวัสดี"}])
+        params = SamplingParams(max_tokens=3900, min_tokens=3900, ignore_eos=True)
+        streams = [engine.generate(GenerationRequest(ids, params)) for _ in range(3)]
+        with pytest.raises(EngineOverloadedError):  # 2 running + 1 waiting is the limit
+            engine.generate(GenerationRequest(ids, params))
+        for s in streams[:2]:
+            assert (await s.__anext__()).completion_tokens >= 1
+        t0 = loop_time()
+        for s in streams:
+            await s.aclose()
+        while engine.stats() != (0, 0) and loop_time() - t0 < 5:
+            await asyncio.sleep(0.01)
+        drained = loop_time() - t0
+        await engine.stop()
+        return drained
+
+    # 3900 tokens each would take several seconds; cancelled ones leave at the next step.
+    assert run(main()) < 1.0
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def test_deadline_ends_generation(demo_checkpoint):
+    async def main():
+        engine = await started(demo_checkpoint, request_timeout_s=0.3)
+        try:
+            with pytest.raises(GenerationTimeoutError):
+                await generate(engine, "สวัสดี", max_tokens=100000 // 30, min_tokens=100000 // 30,
+                               ignore_eos=True)
+        finally:
+            await engine.stop()
+
+    run(main())

@@ -1,0 +1,192 @@
+"""The serving layer and routers over a fake engine (fast, no model)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.engine.errors import EngineOutOfMemoryError
+from api.server import create_app
+from api.settings import Settings
+from tests.fakes import FakeEngine
+
+
+def make_client(**engine_kwargs) -> tuple[TestClient, FakeEngine]:
+    engine = FakeEngine(**engine_kwargs)
+    settings = Settings.from_overrides({"enable_ui": False})
+    # Like a real server: a 500 is answered, not re-raised into the test.
+    return TestClient(create_app(settings, engine), raise_server_exceptions=False), engine
+
+
+@pytest.fixture
+def client():
+    c, engine = make_client()
+    with c:
+        yield c
+
+
+def chat(client, **body):
+    payload = {"model": "thai-qwen-lora", "messages": [{"role": "user", "content": "สวัสดี"}], **body}
+    return client.post("/v1/chat/completions", json=payload)
+
+
+def sse_events(response) -> list:
+    lines = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_chat_completion_shape(client):
+    r = chat(client)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "thai-qwen-lora"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "สวัสดี"[::-1]}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 6
+
+
+def test_stream_chunks_usage_and_done(client):
+    r = chat(client, stream=True, stream_options={"include_usage": True}, max_tokens=3)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = [e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]]
+    assert "".join(content) == "สวัสดี"[::-1][:3]
+    finals = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+    assert len({e["id"] for e in events}) == 1
+
+
+def test_list_content_parts_and_developer_role(client):
+    r = client.post("/v1/chat/completions", json={"messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "ab"}, {"type": "text", "text": "c"}]}]})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "cba"
+
+
+def test_unknown_model_is_404(client):
+    r = chat(client, model="gpt-4")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"n": 2}, "n"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"stop": ["a"] * 9}, "stop"),
+    ({"max_tokens": 10**6}, "max_tokens"),
+    ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
+])
+def test_bad_requests_are_400_in_openai_envelope(client, body, param):
+    r = chat(client, **body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_malformed_json_is_400(client):
+    r = client.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "JSON" in r.json()["error"]["message"]
+
+
+def test_unsupported_fields_are_ignored(client, caplog):
+    caplog.set_level(logging.INFO, logger="thai.serving")
+    r = chat(client, logit_bias={"1": 2}, frequency_penalty=0.5)
+    assert r.status_code == 200
+    assert "logit_bias" in caplog.text
+
+
+def test_blank_user_message_is_400(client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": " \u200b\n"}]})
+    assert r.status_code == 400
+
+
+def test_summarize(client):
+    r = client.post("/v1/summarize", json={"text": "ข้อความ", "max_tokens": 4})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == "thai-qwen-lora" and len(body["summary"]) == 4
+    assert body["usage"]["output_tokens"] == 4
+    assert body["usage"]["total_tokens"] == body["usage"]["input_tokens"] + 4
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\u200b\u200b", "\n\t"])
+def test_summarize_empty_text_is_400(client, text):
+    r = client.post("/v1/summarize", json={"text": text})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "text"
+
+
+def test_context_length_exceeded():
+    c, _ = make_client(max_context=20)
+    with c:
+        r = chat(c, max_tokens=10)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_loading_gives_503():
+    c, _ = make_client(ready=False)
+    with c:
+        health = c.get("/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "loading" and health.json()["model_loaded"] is False
+        r = chat(c)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "model_not_ready"
+        assert "Retry-After" in r.headers
+
+
+def test_error_mid_stream_is_an_error_event():
+    c, _ = make_client(fail=EngineOutOfMemoryError("out of memory"))
+    with c:
+        events = sse_events(chat(c, stream=True))
+    assert events[-1]["error"]["code"] == "out_of_memory"
+
+
+def test_unexpected_error_is_500_without_traceback():
+    c, _ = make_client(fail=RuntimeError("secret internals"))
+    with c:
+        r = chat(c)
+    assert r.status_code == 500
+    assert "secret" not in r.text and "Traceback" not in r.text
+    assert r.json()["error"]["type"] == "internal_server_error"
+
+
+def test_root_health_models_docs(client):
+    info = client.get("/").json()
+    assert info["model"] == "thai-qwen-lora" and "POST /v1/summarize" in info["endpoints"]
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model_loaded"] is True
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "thai-qwen-lora"
+    assert client.get("/docs").status_code == 200
+    assert client.get("/redoc").status_code == 200
+    schema = client.get("/openapi.json").json()
+    props = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"max_completion_tokens", "min_tokens", "ignore_eos", "stream_options"} <= set(props)
+
+
+def test_cors_off_by_default_and_configurable():
+    c, _ = make_client()
+    with c:
+        r = c.options("/v1/models", headers={"Origin": "https://x.example", "Access-Control-Request-Method": "GET"})
+        assert "access-control-allow-origin" not in r.headers
+    app = create_app(Settings.from_overrides({"enable_ui": False, "cors_origins": "https://x.example"}), FakeEngine())
+    with TestClient(app) as c2:
+        r = c2.get("/v1/models", headers={"Origin": "https://x.example"})
+        assert r.headers["access-control-allow-origin"] == "https://x.example"
