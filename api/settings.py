@@ -129,8 +129,18 @@ class ServerSettings(BaseSettings):
     )
     access_log: bool = Field(True, description="Log one line per HTTP request.")
     enable_ui: bool = Field(True, description="Mount the Gradio UI at /ui/.")
+    max_request_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, le=1024**3,
+        description="Largest request body accepted, in bytes; larger bodies get HTTP 413 "
+        "(nginx's client_max_body_size is generated from it).",
+    )
+    frame_ancestors: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to embed the UI in an iframe (comma separated), "
+        "in addition to 'self'.",
+    )
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "frame_ancestors", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
