@@ -91,21 +91,22 @@ def test_fixed_length_and_stop_strings(demo_checkpoint):
 def test_overload_and_cancel_free_slots(demo_checkpoint):
     async def main():
         engine = await started(demo_checkpoint, max_batch_size=2, max_waiting=1)
-        ids = engine.encode_chat([{"role": "user", "content": "สวัสดี"}])
-        params = SamplingParams(max_tokens=3900, min_tokens=3900, ignore_eos=True)
-        streams = [engine.generate(GenerationRequest(ids, params)) for _ in range(3)]
-        with pytest.raises(EngineOverloadedError):  # 2 running + 1 waiting is the limit
-            engine.generate(GenerationRequest(ids, params))
-        for s in streams[:2]:
-            assert (await s.__anext__()).completion_tokens >= 1
-        t0 = loop_time()
-        for s in streams:
-            await s.aclose()
-        while engine.stats() != (0, 0) and loop_time() - t0 < 5:
-            await asyncio.sleep(0.01)
-        drained = loop_time() - t0
-        await engine.stop()
-        return drained
+        try:
+            ids = engine.encode_chat([{"role": "user", "content": "สวัสดี"}])
+            params = SamplingParams(max_tokens=3900, min_tokens=3900, ignore_eos=True)
+            streams = [engine.generate(GenerationRequest(ids, params)) for _ in range(3)]
+            with pytest.raises(EngineOverloadedError):  # 2 running + 1 waiting is the limit
+                engine.generate(GenerationRequest(ids, params))
+            for s in streams[:2]:
+                assert (await s.__anext__()).completion_tokens >= 1
+            t0 = loop_time()
+            for s in streams:
+                await s.aclose()
+            while engine.stats() != (0, 0) and loop_time() - t0 < 5:
+                await asyncio.sleep(0.01)
+            return loop_time() - t0
+        finally:
+            await engine.stop()
 
     # 3900 tokens each would take several seconds; cancelled ones leave at the next step.
     assert run(main()) < 1.0

@@ -17,6 +17,7 @@ every row are trimmed whenever a row leaves.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import time
@@ -82,6 +83,7 @@ class BatchScheduler:
         self._lock = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
+        self._prefilling = 0                          # admitted, in neither list during prefill
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None        # [batch, cache_len], 1 = real token
         self._positions: torch.Tensor | None = None   # [batch], real tokens in cache per row
@@ -93,8 +95,12 @@ class BatchScheduler:
     # ------------------------------------------------------------------ API
     def start(self) -> None:
         self._thread.start()
+        # A daemon thread killed mid-forward at interpreter exit aborts the process
+        # ("terminate called without an active exception"): stop it first.
+        atexit.register(self.stop)
 
     def stop(self, timeout: float = 10.0) -> None:
+        atexit.unregister(self.stop)
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -102,7 +108,7 @@ class BatchScheduler:
             self._thread.join(timeout)
 
     def stats(self) -> tuple[int, int]:
-        return len(self._running), len(self._waiting)
+        return len(self._running) + self._prefilling, len(self._waiting)
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
                queue: asyncio.Queue) -> Sequence:
@@ -120,7 +126,7 @@ class BatchScheduler:
                          NGramBlocker(params.no_repeat_ngram_size), []),
         )
         with self._lock:
-            free_slots = self.max_batch_size - len(self._running)
+            free_slots = self.max_batch_size - len(self._running) - self._prefilling
             if len(self._waiting) >= self.max_waiting + max(free_slots, 0):
                 raise EngineOverloadedError(
                     f"server is at capacity: {len(self._running)} running and "
@@ -146,10 +152,12 @@ class BatchScheduler:
                     if self._stopping:
                         break
                     admitted = self._admit_locked()
+                    self._prefilling = len(admitted)
                 self._expire()
                 if admitted:
                     self._guarded("prefill", admitted, lambda: self._prefill(admitted))
                     self._evict()
+                self._prefilling = 0
                 if self._running:
                     self._guarded("decode", list(self._running), self._decode_step)
                 self._evict()
