@@ -1,0 +1,124 @@
+"""The Gradio Blocks: model status on top, a Summarize tab and a Chat tab.
+
+Built per app (nothing at import time) around a :class:`UIHandlers`, which
+calls the engine in-process. Concurrency limits are off for every event: the
+engine's continuous batching and wait queue govern the GPU for UI and API
+requests alike, and an overloaded engine answers with an error the UI shows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from api.settings import ModelSettings  # noqa: E402
+from thai_ui.handlers import UIHandlers  # noqa: E402
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
+# (label, file) of the example texts shown under the input.
+EXAMPLES = (("ข่าว / news", "news.txt"), ("รายงาน / report", "report.txt"),
+            ("บทความยาว / long article", "long_article.txt"))
+# Summary length presets, in tokens; "custom" leaves the slider where the user put it.
+LENGTHS = {"สั้น / short": 64, "กลาง / medium": 150, "ยาว / long": 300}
+CUSTOM = "กำหนดเอง / max tokens"
+STATUS_POLL_S = 2.0
+DEFAULT_CHAT_SYSTEM = "คุณเป็นผู้ช่วยที่ตอบเป็นภาษาไทยอย่างสุภาพ ถูกต้อง และกระชับ"
+
+
+def load_examples() -> list[tuple[str, str]]:
+    return [(label, (EXAMPLES_DIR / name).read_text(encoding="utf-8").strip())
+            for label, name in EXAMPLES]
+
+
+def build_blocks(handlers: UIHandlers, settings: ModelSettings) -> gr.Blocks:
+    with gr.Blocks(title="Thai LLM · สรุปความและสนทนา", analytics_enabled=False) as blocks:
+        gr.Markdown("# สรุปความและสนทนาภาษาไทย · Thai summarize & chat")
+        status = gr.HTML(handlers.status()[0], elem_id="model-status")
+        poll = gr.Timer(STATUS_POLL_S)
+
+        def refresh_status():
+            html, final = handlers.status()
+            return html, gr.Timer(active=not final)
+
+        poll.tick(refresh_status, outputs=[status, poll], show_progress="hidden",
+                  api_visibility="private", queue=False)
+        blocks.load(refresh_status, outputs=[status, poll], show_progress="hidden",
+                    api_visibility="private", queue=False)
+
+        with gr.Tabs():
+            with gr.Tab("สรุปความ / Summarize", id="summarize"):
+                text, max_tokens, stats = _summarize_tab(handlers, settings)
+            with gr.Tab("สนทนา / Chat", id="chat"):
+                _chat_tab(handlers, settings)
+        blocks.load(handlers.stats_markdown, inputs=[text, max_tokens], outputs=[stats],
+                    show_progress="hidden", api_visibility="private")
+    blocks.queue(default_concurrency_limit=None)
+    return blocks
+
+
+def _generation_controls(settings: ModelSettings, *, render: bool = True) -> tuple[gr.Slider, gr.Slider]:
+    max_tokens = gr.Slider(1, settings.max_tokens_limit, value=min(settings.max_new_tokens,
+                                                                    settings.max_tokens_limit),
+                           step=1, label="ความยาวสูงสุด (โทเค็น) / max tokens", render=render)
+    temperature = gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05,
+                            label="ความหลากหลาย / temperature", render=render)
+    return max_tokens, temperature
+
+
+def _summarize_tab(handlers: UIHandlers,
+                   settings: ModelSettings) -> tuple[gr.Textbox, gr.Slider, gr.Markdown]:
+    """Input, length and temperature, streamed summary; returns what the page load refreshes."""
+    with gr.Row():
+        with gr.Column(scale=3):
+            text = gr.Textbox(label="ข้อความภาษาไทย / Thai text", lines=14, max_lines=30,
+                              placeholder="วางข้อความภาษาไทยที่ต้องการสรุปที่นี่… / Paste Thai text here…",
+                              elem_id="thai-input")
+            stats = gr.Markdown(handlers.stats_markdown("", None), elem_id="text-stats")
+            examples = load_examples()
+            gr.Examples([[body] for _, body in examples], inputs=[text],
+                        example_labels=[label for label, _ in examples],
+                        label="ตัวอย่าง / Examples")
+        with gr.Column(scale=2):
+            length = gr.Radio([*LENGTHS, CUSTOM], value="กลาง / medium",
+                              label="ความยาวสรุป / summary length")
+            max_tokens, temperature = _generation_controls(settings)
+            max_tokens.value = min(LENGTHS["กลาง / medium"], settings.max_tokens_limit)
+            button = gr.Button("สรุป / Summarize", variant="primary", elem_id="summarize-btn")
+    summary = gr.Textbox(label="สรุป / Summary", lines=8, interactive=False, buttons=["copy"],
+                         elem_id="thai-summary")
+    usage = gr.Markdown("", elem_id="summary-usage")
+
+    length.input(lambda choice, current: LENGTHS.get(choice, current), inputs=[length, max_tokens],
+                 outputs=[max_tokens], api_visibility="private", queue=False)
+    max_tokens.input(lambda _: CUSTOM, inputs=[max_tokens], outputs=[length],
+                     api_visibility="private", queue=False)
+    for trigger in (text.change, max_tokens.change):
+        trigger(handlers.stats_markdown, inputs=[text, max_tokens], outputs=[stats],
+                trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+    button.click(handlers.summarize, inputs=[text, max_tokens, temperature],
+                 outputs=[summary, usage], api_name="summarize", concurrency_limit=None)
+    return text, max_tokens, stats
+
+
+def _chat_tab(handlers: UIHandlers, settings: ModelSettings) -> None:
+    system_prompt = gr.Textbox(DEFAULT_CHAT_SYSTEM, label="คำสั่งระบบ / system prompt", lines=2,
+                               render=False)
+    max_tokens, temperature = _generation_controls(settings, render=False)
+    gr.ChatInterface(
+        handlers.chat,
+        chatbot=gr.Chatbot(label="แชต / Chat", height=420, buttons=["copy", "copy_all"],
+                           elem_id="thai-chat"),
+        textbox=gr.Textbox(placeholder="พิมพ์ข้อความ… / Type a message…", submit_btn=True,
+                           elem_id="chat-input", show_label=False),
+        additional_inputs=[system_prompt, max_tokens, temperature],
+        additional_inputs_accordion=gr.Accordion("ตั้งค่า / Settings", open=True, render=False),
+        api_name="chat",
+        concurrency_limit=None,
+        fill_height=False,
+        autofocus=False,
+        save_history=False,
+    )

@@ -1,0 +1,50 @@
+"""The model status banner at the top of the UI.
+
+People must see at a glance whether the model is still loading, ready (which
+model, on which device), failed, or only the offline demo checkpoint, whose
+random weights produce meaningless text.
+"""
+
+from __future__ import annotations
+
+import html
+
+from api.engine import Engine, EngineState
+
+
+def engine_state(engine: Engine) -> EngineState:
+    """The engine's state, ERROR too when its worker thread died after loading."""
+    dead = getattr(getattr(engine, "scheduler", None), "dead", None)
+    if engine.state is EngineState.READY and dead is not None:
+        return EngineState.ERROR
+    return engine.state
+
+
+def status_html(engine: Engine) -> str:
+    info = engine.info
+    state = engine_state(engine)
+    name = html.escape(info.model_name)
+    if state is EngineState.LOADING:
+        return _banner("loading", f"กำลังโหลดโมเดล <b>{name}</b>… / Loading the model…")
+    if state is EngineState.READY:
+        where = html.escape(" · ".join(x for x in (info.device, info.dtype) if x))
+        if info.demo:
+            return _banner(
+                "demo",
+                f"⚠ <b>โมเดลสาธิต / Demo checkpoint</b> ({name}, {where}): โมเดลจริงไม่ได้ถูกโหลด "
+                "ผลลัพธ์เป็นข้อความสุ่มที่ไม่มีความหมาย / the real model is not loaded; this tiny "
+                "random-weight model proves the path works but its output is <b>not meaningful</b>.")
+        base = html.escape(info.base_model or "")
+        adapter = f" + {html.escape(info.adapter)}" if info.adapter else ""
+        return _banner("ready", f"พร้อมใช้งาน / Ready: <b>{name}</b> ({base}{adapter}) · {where}")
+    error = html.escape(engine.error or "")
+    return _banner("error", f"โมเดลใช้งานไม่ได้ / Model unavailable: {error}")
+
+
+def status_is_final(engine: Engine) -> bool:
+    """No need to poll any more once loading has ended one way or the other."""
+    return engine_state(engine) is not EngineState.LOADING
+
+
+def _banner(kind: str, body: str) -> str:
+    return f'<div class="banner {kind}" data-state="{kind}">{body}</div>'

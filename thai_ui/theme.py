@@ -1,0 +1,70 @@
+"""Theme, CSS and <head> for the UI: Thai typography without the network.
+
+Gradio's default fonts have no Thai glyphs, and ``gr.themes.GoogleFont`` makes
+the browser fetch from Google at run time. Instead the app serves the bundled
+Sarabun web font itself (``assets/fonts``, SIL OFL) at ``ui/fonts``, and the
+head links its stylesheet with a *relative* URL: the page lives at ``.../ui/``,
+so ``fonts/fonts.css`` (``FONT_SUBPATH``) resolves under whatever prefix a
+reverse proxy adds (the ASGI root path), and the ``@font-face`` URLs inside it
+resolve next to the stylesheet.
+
+These go to ``gr.mount_gradio_app`` (Gradio 6 ignores theme/css/head given to
+``gr.Blocks``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+FONT_DIR = Path(__file__).resolve().parents[1] / "assets" / "fonts"
+# Served by the app below the UI's own mount point (registered before it, so it wins),
+# and linked relative to the UI page.
+FONT_SUBPATH = "fonts"
+FONT_FAMILY = "Sarabun"
+# Thai stacks vowels and tone marks above and below the consonant: it needs more
+# leading than Latin text, or the marks of neighbouring lines collide.
+THAI_LINE_HEIGHT = 1.75
+
+
+def build_theme() -> gr.themes.Base:
+    """A Gradio theme whose text font is the bundled Sarabun (no font fetched from elsewhere)."""
+    return gr.themes.Soft(
+        primary_hue="teal",
+        secondary_hue="amber",
+        font=[gr.themes.Font(FONT_FAMILY), "Tahoma", "sans-serif"],
+        font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"],
+    ).set(body_text_size="16px")
+
+
+def build_head() -> str:
+    # Relative to the page's <base href="./"> (the /ui/ mount), so it survives a sub-path.
+    return (f'<link rel="stylesheet" href="{FONT_SUBPATH}/fonts.css">\n'
+            '<meta name="description" content="สรุปข้อความภาษาไทยและสนทนากับโมเดล / '
+            'Thai summarization and chat">')
+
+
+def build_css() -> str:
+    return f"""
+.gradio-container, .gradio-container * {{
+  font-family: "{FONT_FAMILY}", Tahoma, sans-serif;
+}}
+.gradio-container code, .gradio-container pre {{
+  font-family: ui-monospace, Menlo, Consolas, monospace;
+}}
+.gradio-container textarea, .gradio-container .prose, .gradio-container p,
+.gradio-container .message, .gradio-container label {{
+  line-height: {THAI_LINE_HEIGHT} !important;
+}}
+#thai-input textarea, #thai-summary textarea {{
+  font-size: 17px;
+}}
+#model-status .banner {{
+  padding: 0.6em 1em; border-radius: 8px; margin: 0;
+}}
+#model-status .banner.loading {{ background: #fef9c3; color: #713f12; }}
+#model-status .banner.ready {{ background: #ccfbf1; color: #134e4a; }}
+#model-status .banner.demo {{ background: #fee2e2; color: #7f1d1d; border: 2px solid #f87171; }}
+#model-status .banner.error {{ background: #fee2e2; color: #7f1d1d; }}
+"""
