@@ -28,5 +28,21 @@ test: install
 demo-checkpoint: install
 	$(PY) -m api.engine.demo_checkpoint --out models/demo
 
+# Side-by-side serving benchmark (bench/RESULTS.md); e.g. BENCH_ARGS="--model DIR".
+bench: install
+	$(PY) -m bench.run_benchmark $(BENCH_ARGS)
+
+# Production helpers (deploy/); pass flags with ARGS="...", e.g. make deploy ARGS="--domain api.example.com"
+ARGS ?=
+
+host-api: install
+	$(PY) deploy/host_model.py $(ARGS)
+
+test-api: install
+	$(PY) deploy/test_api_client.py $(ARGS)
+
+deploy: install
+	$(PY) deploy/setup_production.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) models/demo test-artifacts .pytest_cache
