@@ -22,18 +22,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.server.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
 
     import uvicorn
 
+    from api.lifecycle import DrainingServer
+    from api.middleware import install_request_id_logging
     from api.server import create_app
 
-    app = create_app(settings)
+    install_request_id_logging(logging.getLogger().handlers)
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:  # e.g. an unreadable API key file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # log_config=None: uvicorn's loggers (access log included) go through the root
+    # handler above, so their lines carry the request id too.
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                             log_level=settings.server.log_level, access_log=settings.server.access_log,
+                            log_config=None, server_header=False,
+                            # Under a sub-path the proxy strips the prefix and uvicorn's root
+                            # path adds it back (FastAPI's and Gradio's root_path break mounts).
+                            root_path=settings.server.root_path,
                             proxy_headers=True, forwarded_allow_ips="127.0.0.1",
-                            timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=5)  # after the drain (THAI_DRAIN_TIMEOUT_S)
+    server = DrainingServer(config, app)
     app.state.shutdown_hook = lambda: setattr(server, "should_exit", True)
     server.run()
     if app.state.fatal_error:

@@ -128,7 +128,9 @@ def install_error_handlers(app: FastAPI) -> None:
             phrase = "error"
         message = exc.detail if isinstance(exc.detail, str) else phrase
         error_type = "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
-        return JSONResponse(error_body(exc.status_code, message, error_type), status_code=exc.status_code,
+        code = getattr(exc, "code", None)  # e.g. api.middleware.RequestTooLarge
+        return JSONResponse(error_body(exc.status_code, message, error_type, None, code),
+                            status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(APIError)

@@ -8,11 +8,12 @@ field with its limits.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_STOP_SEQUENCES = 8
 
@@ -20,13 +21,13 @@ MAX_STOP_SEQUENCES = 8
 class TextPart(BaseModel):
     """One text part of a message content list (OpenAI's multi-part content)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"] = "text"
     text: str = Field(max_length=1_000_000)
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="Who wrote the message; 'developer' is treated as 'system'."
     )
@@ -44,14 +45,38 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = Field(False, description="Send a last chunk with token usage.")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def reject_lone_surrogates(data: Any) -> Any:
+    """JSON may escape half of a UTF-16 pair (``"\\ud800"``): no valid text, so a 400, not a crash
+    in the tokenizer or the JSON encoder."""
+    if _has_lone_surrogate(data):
+        raise ValueError("the request contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
+                         "which is not valid Unicode text")
+    return data
 
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI's chat completion request, plus vLLM's min_tokens / ignore_eos."""
 
-    model_config = ConfigDict(extra="allow")
+    # strict: a wrong JSON type (false for a number, "5" for an integer) is a 400, not coerced.
+    model_config = ConfigDict(extra="allow", strict=True)
+    _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
 
     model: str | None = Field(None, max_length=256, description="Served model name.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
@@ -163,7 +188,8 @@ class ChatCompletionChunk(BaseModel):
 class SummarizeRequest(BaseModel):
     """The seed's summarize request."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+    _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
     text: str = Field(min_length=1, max_length=200_000, description="Thai text to summarize.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens in the summary.")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -212,6 +238,13 @@ class HealthResponse(BaseModel):
     error: str | None = None
     requests_running: int = 0
     requests_waiting: int = 0
+
+
+class ReadinessResponse(BaseModel):
+    """The readiness probe: ``ready`` is the only state that should get traffic."""
+
+    status: Literal["ready", "loading", "draining", "failed", "stopped"]
+    reason: str | None = Field(None, description="Why the server is not ready.")
 
 
 class ServerInfo(BaseModel):

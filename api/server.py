@@ -21,7 +21,10 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from api import __version__
 from api.engine import Engine, EngineState
 from api.errors import install_error_handlers
+from api.lifecycle import install_lifecycle
+from api.middleware import install_http_guards
 from api.routes import info, openai_chat, summarize
+from api.security import install_access_control
 from api.serving import Serving
 from api.settings import Settings
 
@@ -51,7 +54,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         description="A Thai fine-tuned Qwen2.5 model with a LoRA adapter: OpenAI-compatible chat "
         "completions, Thai summarization, and a browser UI at /ui/.",
         lifespan=lifespan,
-        root_path=settings.server.root_path,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -61,16 +63,26 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.shutdown_hook = None  # set by app.py to stop its uvicorn server
 
     install_error_handlers(app)
+    # Middlewares added later wrap earlier ones: the key check and the rate limit sit
+    # inside CORS (preflights pass, 401s carry CORS headers), the guards outside it.
+    install_access_control(app, settings)
     if settings.server.cors_origins:
         wildcard = settings.server.cors_origins == ["*"]
         app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins,
                            allow_credentials=not wildcard, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+    install_lifecycle(app, settings)
+    install_http_guards(app, settings)
 
     app.include_router(info.router, tags=["info"])
     app.include_router(openai_chat.router, tags=["openai"])
     app.include_router(summarize.router, tags=["thai"])
     _install_metrics(app, engine)
+    if settings.server.enable_ui:  # the Gradio UI at /ui/, same engine, in-process
+        from thai_ui import mount_ui
+
+        mount_ui(app)
     return app
 
 

@@ -84,6 +84,11 @@ class Serving:
 
     # ---------------------------------------------------------------- chat
     def chat_messages(self, request: ChatCompletionRequest) -> list[dict[str, str]]:
+        if len(request.messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"{len(request.messages)} messages is more than this server's limit of "
+                f"{self.settings.max_messages} (THAI_MAX_MESSAGES)", param="messages",
+                code="too_many_messages")
         messages = []
         for i, message in enumerate(request.messages):
             role = "system" if message.role == "developer" else message.role

@@ -77,6 +77,9 @@ class ModelSettings(BaseSettings):
     max_tokens_limit: int = Field(
         2048, ge=1, le=32768, description="Largest max_tokens a request may ask for."
     )
+    max_messages: int = Field(
+        128, ge=1, le=512, description="Most messages one chat request may carry; more get HTTP 400."
+    )
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Default nucleus sampling top_p.")
     no_repeat_ngram_size: int = Field(
@@ -139,6 +142,60 @@ class ServerSettings(BaseSettings):
         description="Origins allowed to embed the UI in an iframe (comma separated), "
         "in addition to 'self'.",
     )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="API keys accepted as 'Authorization: Bearer KEY' (comma separated); "
+        "authentication is off when neither this nor api_key_file gives a key. "
+        "Prefer the environment or the key file: a flag shows in the process list.",
+    )
+    api_key_file: str = Field(
+        "", description="File with one API key per line ('#' starts a comment); "
+        "its keys are added to api_keys.",
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without an API key (for a Prometheus on a private network).",
+    )
+    protect_ui: bool = Field(
+        False, description="Require an API key for the UI too (the browser asks for it: any "
+        "user name, the key as password).",
+    )
+    rate_limit_per_minute: int = Field(
+        0, ge=0, le=1_000_000,
+        description="Requests per minute allowed per API key (or per client address without "
+        "one); more get HTTP 429 with Retry-After. 0 turns the limit off.",
+    )
+    rate_limit_burst: int = Field(
+        10, ge=1, le=100_000, description="Requests a client may send at once before the "
+        "per-minute rate applies (token bucket size).",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="On SIGTERM, seconds to let in-flight requests and streams finish "
+        "(new ones get HTTP 503) before exiting.",
+    )
+    exit_on_engine_death: bool = Field(
+        True, description="Exit with status 1 when the engine's worker dies, so systemd or "
+        "Docker restarts the process (readiness fails either way).",
+    )
+    log_prompts: bool = Field(
+        False, description="Debug only: write request and response bodies (prompts and "
+        "outputs) to the log. Off by default; confidential text stays out of logs.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_tokens(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if len(key) < 8 or any(c.isspace() or not c.isprintable() for c in key):
+                raise ValueError("each API key needs at least 8 printable characters without spaces")
+        return value
 
     @field_validator("cors_origins", "frame_ancestors", mode="before")
     @classmethod
@@ -193,12 +250,16 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names it in one line."""
 
 
+SECRET_SETTINGS = frozenset({"api_keys"})  # never echoed back in error messages
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         name = str(err["loc"][0]) if err["loc"] else "?"
+        got = "<hidden>" if name in SECRET_SETTINGS else repr(err.get("input"))
         parts.append(f"THAI_{name.upper()} (--{name.replace('_', '-')}): {err['msg']}"
-                     f" (got {err.get('input')!r})")
+                     f" (got {got})")
     return "invalid setting: " + "; ".join(parts)
 
 

@@ -164,12 +164,12 @@ def test_iframe_embedding_follows_the_frame_ancestors_setting(model_env, parent_
                                                               tmp_path):
     allowed, refused = parent_sites
     allowed_origin = f"http://127.0.0.1:{allowed.server_port}"
-    # Under a sub-path as a proxy would forward it, so relative URLs are checked too.
-    server = start_server({**model_env, "THAI_FRAME_ANCESTORS": allowed_origin,
-                           "THAI_ROOT_PATH": "/thai"}, tmp_path)
+    # (Serving under a sub-path through a proxy is tested with real nginx in
+    # tests/test_deploy_nginx_e2e.py.)
+    server = start_server({**model_env, "THAI_FRAME_ANCESTORS": allowed_origin}, tmp_path)
     try:
         for site in parent_sites:
-            site.child = server.url + "/thai/ui/"
+            site.child = server.url + "/ui/"
         context = browser.new_context(viewport={"width": 1280, "height": 1000})
         page = context.new_page()
         urls, console = [], []
@@ -183,7 +183,7 @@ def test_iframe_embedding_follows_the_frame_ancestors_setting(model_env, parent_
         assert frame.locator("h1").inner_text().startswith("สรุปความ")
         child = next(f for f in page.frames if f.url.startswith(server.url))
         assert child.evaluate("document.fonts.check('16px Sarabun', 'ภาษาไทย')")
-        assert any(u == server.url + "/thai/ui/fonts/sarabun-thai-400.woff2" for u in urls)
+        assert any(u == server.url + "/ui/fonts/sarabun-thai-400.woff2" for u in urls)
         page.screenshot(path=str(ARTIFACTS / "ui-iframe-allowed.png"))
 
         page.goto(f"http://127.0.0.1:{refused.server_port}/")

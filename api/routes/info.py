@@ -15,7 +15,8 @@ router = APIRouter()
 
 ENDPOINTS = {
     "GET /": "Server information and available endpoints",
-    "GET /health": "Health check and model status",
+    "GET /health": "Liveness: health check and model status",
+    "GET /ready": "Readiness: 503 while loading, draining or failed",
     "GET /v1/models": "List available models (OpenAI-compatible)",
     "POST /v1/chat/completions": "OpenAI-compatible chat completions (streaming too)",
     "POST /v1/summarize": "Thai text summarization",

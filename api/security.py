@@ -1,0 +1,296 @@
+"""Who may call the server: API keys checked in constant time, and a per-client rate limit.
+
+Keys come from ``THAI_API_KEYS`` and ``THAI_API_KEY_FILE``. When there is at
+least one, every route needs ``Authorization: Bearer KEY`` except the probes
+(``/health``, ``/ready``), ``/metrics`` when ``THAI_METRICS_PUBLIC`` is set,
+and the UI unless ``THAI_PROTECT_UI`` is set. The UI calls the engine
+in-process, so leaving it public never opens the API: the ``/v1`` routes need a
+key whatever the UI setting. A protected UI accepts the key as the password of
+HTTP Basic authentication (any user name), so a browser can ask for it.
+
+Keys are kept only as SHA-256 digests and compared with
+:func:`hmac.compare_digest` against every configured digest, so neither the
+key's content nor which key matched leaks through timing. Logs and the rate
+limiter see a short label (``key-1a2b3c4d``), never the key.
+
+Both guards are pure ASGI middlewares: they answer or pass the request through
+untouched, so streamed responses are never buffered.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import error_body
+from api.settings import ServerSettings, SettingsError
+
+PROBE_PATHS = frozenset({"/health", "/ready"})
+METRICS_PATH = "/metrics"
+UI_PREFIX = "/ui"
+UI_REALM = 'Basic realm="Thai LLM UI", charset="UTF-8"'
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on, without the proxy prefix (``root_path``)."""
+    path = scope.get("path", "/") or "/"
+    root = scope.get("root_path", "") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+def is_ui_path(path: str) -> bool:
+    return path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
+
+
+def key_label(key: str) -> str:
+    """A stable, non-reversible name for a key, safe to log."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+class APIKeys:
+    """The configured keys as digests; :meth:`verify` answers in constant time."""
+
+    def __init__(self, keys: list[str] | tuple[str, ...] | frozenset[str]):
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in sorted(set(keys))]
+
+    @classmethod
+    def from_settings(cls, server: ServerSettings) -> "APIKeys":
+        keys = list(server.api_keys)
+        if server.api_key_file:
+            keys += read_key_file(Path(server.api_key_file).expanduser())
+        return cls(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def verify(self, candidate: str | None) -> bool:
+        """True when ``candidate`` is one of the keys; every digest is compared, always."""
+        if not candidate:
+            return False
+        digest = hashlib.sha256(candidate.encode("utf-8", "surrogatepass")).digest()
+        found = False
+        for known in self._digests:
+            found |= hmac.compare_digest(digest, known)
+        return found
+
+    def gradio_auth(self, username: str, password: str) -> bool:
+        """Signature of Gradio's ``auth=`` callable: any user name, a key as password."""
+        return self.verify(password)
+
+
+def read_key_file(path: Path) -> list[str]:
+    """Keys from a file: one per line, blank lines and ``#`` comments ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"THAI_API_KEY_FILE (--api-key-file): cannot read {path}: "
+                            f"{exc.strerror or exc}") from None
+    keys = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    keys = [k for k in keys if k]
+    if not keys:
+        raise SettingsError(f"THAI_API_KEY_FILE (--api-key-file): {path} holds no key")
+    bad = sum(1 for k in keys if len(k) < 8 or any(c.isspace() for c in k))
+    if bad:
+        raise SettingsError(f"THAI_API_KEY_FILE (--api-key-file): {bad} key(s) in {path} are "
+                            "shorter than 8 characters or contain spaces")
+    return keys
+
+
+def presented_key(headers: list[tuple[bytes, bytes]], *, allow_basic: bool) -> str | None:
+    """The key a request carries: ``Bearer KEY``, or (for the UI) Basic ``user:KEY``."""
+    for name, value in headers:
+        if name.lower() != b"authorization":
+            continue
+        text = value.decode("latin-1").strip()
+        scheme, _, credentials = text.partition(" ")
+        scheme, credentials = scheme.lower(), credentials.strip()
+        if scheme == "bearer" and credentials:
+            return credentials
+        if allow_basic and scheme == "basic" and credentials:
+            try:
+                decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return decoded.partition(":")[2] or None
+        return None
+    return None
+
+
+def needs_key(path: str, method: str, headers: list[tuple[bytes, bytes]], server: ServerSettings,
+              ui_mounted: bool) -> bool:
+    """Whether this request must carry a key (assuming keys are configured)."""
+    if path in PROBE_PATHS or method == "OPTIONS":  # CORS preflights carry no credentials
+        return False
+    if path == METRICS_PATH:
+        return not server.metrics_public
+    if is_ui_path(path):
+        return server.protect_ui
+    if path == "/" and method in ("GET", "HEAD") and ui_mounted and not server.protect_ui:
+        # A browser opening the site (a Space embeds "/") is only redirected to the public UI.
+        accept = next((v for k, v in headers if k.lower() == b"accept"), b"")
+        return b"text/html" not in accept
+    return True
+
+
+class AuthMiddleware:
+    """Answers 401 in OpenAI's error shape unless the request carries a valid key."""
+
+    def __init__(self, app: ASGIApp, keys: APIKeys, server: ServerSettings):
+        self.app, self.keys, self.server = app, keys, server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or not self.keys.enabled:
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        method = scope.get("method", "GET")
+        headers = scope.get("headers", [])
+        ui_mounted = bool(getattr(getattr(scope.get("app"), "state", None), "ui_mounted", False))
+        if not needs_key(path, method, headers, self.server, ui_mounted):
+            await self.app(scope, receive, send)
+            return
+        ui = is_ui_path(path)
+        key = presented_key(headers, allow_basic=ui)
+        if self.keys.verify(key):
+            scope.setdefault("state", {})["client_id"] = key_label(key)
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "API key required"})
+            return
+        message = ("Invalid API key." if key else
+                   "Missing API key: send the header 'Authorization: Bearer YOUR_KEY'.")
+        if ui:
+            message = "This UI is protected: log in with any user name and an API key as password."
+        body = error_body(401, message, "invalid_request_error", None,
+                          "invalid_api_key" if key else "missing_api_key")
+        challenge = UI_REALM if ui else 'Bearer realm="thai-llm"'
+        await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})(
+            scope, receive, send)
+
+
+class TokenBuckets:
+    """One token bucket per client: ``burst`` requests at once, refilled at ``per_minute``.
+
+    At most ``max_clients`` buckets are kept (least recently used dropped), so a
+    flood of client addresses cannot grow memory without bound.
+    """
+
+    def __init__(self, per_minute: int, burst: int, max_clients: int = 10_000):
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, client: str, now: float | None = None) -> float:
+        """0 when the request may go ahead, else the seconds until a token is free."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def client_identity(scope: Scope) -> str:
+    """The API key's label when authenticated, else the client address."""
+    label = scope.get("state", {}).get("client_id")
+    if label:
+        return label
+    client = scope.get("client")
+    return f"ip-{client[0]}" if client else "ip-unknown"
+
+
+def is_rate_limited(path: str, method: str) -> bool:
+    """Probes, metrics, CORS preflights and the UI's page and asset loads are not counted."""
+    if path in PROBE_PATHS or path == METRICS_PATH or method == "OPTIONS":
+        return False
+    return not (is_ui_path(path) and method in ("GET", "HEAD"))
+
+
+class RateLimitMiddleware:
+    """429 with ``Retry-After`` when a client exceeds its request rate."""
+
+    def __init__(self, app: ASGIApp, per_minute: int, burst: int):
+        self.app = app
+        self.buckets = TokenBuckets(per_minute, burst)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_rate_limited(route_path(scope), scope.get("method", "GET")):
+            await self.app(scope, receive, send)
+            return
+        wait = self.buckets.take(client_identity(scope))
+        if wait <= 0:
+            await self.app(scope, receive, send)
+            return
+        retry_after = max(1, math.ceil(wait))
+        body = error_body(429, f"Rate limit exceeded: at most {self.buckets.rate * 60:g} requests "
+                          f"per minute (bursts of {self.buckets.burst:g}); retry in {retry_after}s.",
+                          "rate_limit_error", None, "rate_limit_exceeded")
+        await JSONResponse(body, status_code=429, headers={"Retry-After": str(retry_after)})(
+            scope, receive, send)
+
+
+def document_security(app, server: ServerSettings) -> None:
+    """Declare the bearer scheme in the OpenAPI schema, so /docs can send the key."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["APIKey"] = {
+            "type": "http", "scheme": "bearer", "description": "An API key from THAI_API_KEYS."}
+        components.setdefault("schemas", {})
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if not needs_key(path, method.upper(), [], server, ui_mounted=False):
+                    continue
+                operation["security"] = [{"APIKey": []}]
+                operation.setdefault("responses", {}).setdefault("401", {
+                    "description": "Missing or invalid API key",
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def install_access_control(app, settings) -> APIKeys:
+    """Add the key check and the rate limit (call before CORS, which must run first)."""
+    server: ServerSettings = settings.server
+    keys = APIKeys.from_settings(server)
+    app.state.api_keys = keys
+    if server.rate_limit_per_minute > 0:
+        app.add_middleware(RateLimitMiddleware, per_minute=server.rate_limit_per_minute,
+                           burst=server.rate_limit_burst)
+    if keys.enabled:
+        app.add_middleware(AuthMiddleware, keys=keys, server=server)
+        document_security(app, server)
+    return keys
