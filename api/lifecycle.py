@@ -38,16 +38,6 @@ log = logging.getLogger("thai.lifecycle")
 ENGINE_CHECK_INTERVAL_S = 0.5
 
 
-def engine_failure(engine: Engine) -> str | None:
-    """Why the engine cannot serve any more (load failure or a dead worker), else None."""
-    dead = getattr(getattr(engine, "scheduler", None), "dead", None)
-    if dead is not None:
-        return f"engine worker died: {dead!r}"
-    if engine.state is EngineState.ERROR:
-        return engine.error or "engine failed"
-    return None
-
-
 class Lifecycle:
     """Drain state and the count of requests in progress (one per app)."""
 
@@ -123,7 +113,7 @@ async def ready(request: Request):
     """200 when the model is loaded, the engine alive and the server not draining; else 503."""
     engine: Engine = request.app.state.engine
     lifecycle: Lifecycle = request.app.state.lifecycle
-    failure = engine_failure(engine)
+    failure = engine.failure()
     if lifecycle.draining:
         status, reason = "draining", "the server is shutting down"
     elif failure:
@@ -143,7 +133,7 @@ async def _watch_engine(app) -> None:
     engine: Engine = app.state.engine
     while True:
         await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
-        dead = getattr(getattr(engine, "scheduler", None), "dead", None)
+        dead = engine.worker_error()
         if dead is None:  # load failures are handled by the server's load watcher
             continue
         failure = f"engine worker died: {dead!r}"

@@ -12,17 +12,9 @@ import html
 from api.engine import Engine, EngineState
 
 
-def engine_state(engine: Engine) -> EngineState:
-    """The engine's state, ERROR too when its worker thread died after loading."""
-    dead = getattr(getattr(engine, "scheduler", None), "dead", None)
-    if engine.state is EngineState.READY and dead is not None:
-        return EngineState.ERROR
-    return engine.state
-
-
 def status_html(engine: Engine) -> str:
     info = engine.info
-    state = engine_state(engine)
+    state = engine.current_state()
     name = html.escape(info.model_name)
     if state is EngineState.LOADING:
         return _banner("loading", f"กำลังโหลดโมเดล <b>{name}</b>… / Loading the model…")
@@ -43,7 +35,7 @@ def status_html(engine: Engine) -> str:
 
 def status_is_final(engine: Engine) -> bool:
     """No need to poll any more once loading has ended one way or the other."""
-    return engine_state(engine) is not EngineState.LOADING
+    return engine.current_state() is not EngineState.LOADING
 
 
 def _banner(kind: str, body: str) -> str:

@@ -75,6 +75,25 @@ class Engine(abc.ABC):
         streaming; leaving the iteration early cancels the generation.
         """
 
+    def worker_error(self) -> BaseException | None:
+        """What killed the engine's worker after loading, if anything did."""
+        return None
+
+    def current_state(self) -> EngineState:
+        """The state, ERROR too once the worker died after loading (readiness and health use it)."""
+        if self.state is EngineState.READY and self.worker_error() is not None:
+            return EngineState.ERROR
+        return self.state
+
+    def failure(self) -> str | None:
+        """Why the engine cannot serve any more (load failure or a dead worker), else None."""
+        dead = self.worker_error()
+        if dead is not None:
+            return f"engine worker died: {dead!r}"
+        if self.state is EngineState.ERROR:
+            return self.error or "engine failed"
+        return None
+
     def stats(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         return 0, 0

@@ -137,7 +137,6 @@ def resolve_dtype(requested: str, device: str):
 
 def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     """Load tokenizer, base model and adapter. Blocking: call it off the event loop."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(settings.device)

@@ -99,11 +99,9 @@ class TransformersEngine(Engine):
 
     # ----------------------------------------------------------- tokenizer
     def _require_bundle(self) -> ModelBundle:
-        if self.state is EngineState.READY and self.scheduler is not None and self.scheduler.dead:
-            self.state = EngineState.ERROR
-            self.error = f"engine worker died: {self.scheduler.dead!r}"
-        if self.state is EngineState.ERROR:
-            raise EngineDeadError(self.error or "engine failed")
+        failure = self.failure()
+        if failure is not None:
+            raise EngineDeadError(failure)
         if self.bundle is None or self.state is not EngineState.READY:
             raise ModelNotReadyError("the model is still loading; retry in a few seconds")
         return self.bundle
@@ -132,6 +130,9 @@ class TransformersEngine(Engine):
         queue: asyncio.Queue[GenerationChunk] = asyncio.Queue()
         seq = self.scheduler.submit(request, asyncio.get_running_loop(), queue)
         return GenerationStream(self.scheduler, seq, queue)
+
+    def worker_error(self) -> BaseException | None:
+        return self.scheduler.dead if self.scheduler is not None else None
 
     def stats(self) -> tuple[int, int]:
         return self.scheduler.stats() if self.scheduler else (0, 0)

@@ -46,16 +46,13 @@ async def health(request: Request):
     engine = request.app.state.engine
     info = engine.info
     running, waiting = engine.stats()
-    dead = getattr(getattr(engine, "scheduler", None), "dead", None)
-    state = engine.state
-    if state is EngineState.READY and dead is not None:
-        state = EngineState.ERROR
+    state = engine.current_state()
     status = {"ready": "ok", "loading": "loading"}.get(state.value, "error")
     body = HealthResponse(
         status=status, model_loaded=state is EngineState.READY, model=info.model_name,
         base_model=info.base_model, adapter=info.adapter, demo=info.demo, device=info.device,
         dtype=info.dtype, memory_mb=engine.memory_mb(), uptime_s=round(time.time() - engine.started_at, 3),
-        error=engine.error or (repr(dead) if dead else None),
+        error=engine.failure(),
         requests_running=running, requests_waiting=waiting)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
