@@ -100,6 +100,10 @@ class ModelSettings(BaseSettings):
     max_waiting: int = Field(
         64, ge=0, le=100000, description="Most requests waiting for a slot; more get HTTP 429."
     )
+    prefix_caching: bool = Field(
+        True, description="Reuse the KV of a prompt prefix recent prompts shared (system prompt, "
+        "summary instruction) instead of prefilling it again.",
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="Deadline for one generation, queue time included."
     )

@@ -127,3 +127,24 @@ def test_deadline_ends_generation(demo_checkpoint):
             await engine.stop()
 
     run(main())
+
+
+def test_prefix_cache_reuses_the_shared_prompt_prefix_without_changing_output(demo_checkpoint):
+    """Prompts sharing the chat template's system prefix prefill only their own tokens,
+    and generate exactly what an engine without the prefix cache generates."""
+    async def outputs(prefix_caching: bool):
+        engine = await started(demo_checkpoint, prefix_caching=prefix_caching)
+        try:
+            single = [await generate(engine, p) for p in PROMPTS]
+            together = await asyncio.gather(*[generate(engine, p, delay=0.003 * i)
+                                              for i, p in enumerate(PROMPTS)])
+            prefix = engine.scheduler._prefix
+            return single, together, (len(prefix.tokens), prefix.hits) if prefix else (0, 0)
+        finally:
+            await engine.stop()
+
+    plain_single, plain_together, _ = run(outputs(False))
+    cached_single, cached_together, (prefix_len, hits) = run(outputs(True))
+    assert prefix_len >= 16 and hits >= len(PROMPTS)
+    assert cached_single == plain_single
+    assert cached_together == plain_together == plain_single

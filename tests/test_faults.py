@@ -66,7 +66,7 @@ def test_out_of_memory_is_503_and_the_next_request_succeeds(real_app, phase):
     assert r.json()["error"]["code"] == "out_of_memory"
     assert r.headers["Retry-After"].isdigit()
     # The half-written cache was dropped and no sequence is left behind.
-    assert scheduler._cache is None and scheduler.stats() == (0, 0)
+    assert scheduler._kv.cache is None and scheduler.stats() == (0, 0)
     r = client.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1

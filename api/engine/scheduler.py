@@ -8,10 +8,11 @@ for every running sequence: one forward pass, one sampled token each.
 A request that arrives mid-generation therefore joins at the next step instead
 of waiting for the batch to drain, and a finished one leaves at once.
 
-Rows of different lengths share the cache through left padding: the attention
-mask hides pad columns and ``position_ids`` count only real tokens, so each
-sequence computes exactly what it would alone. Leading columns that are pad in
-every row are trimmed whenever a row leaves.
+Rows of different lengths share the cache through padding (``KVBatch``): the
+attention mask hides pad columns and ``position_ids`` count only real tokens,
+so each sequence computes exactly what it would alone. Leading columns that
+are pad in every row are trimmed whenever a row leaves. Prompts that start
+with a prefix seen recently (``PrefixCache``) prefill only the rest.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from api.engine.detokenizer import IncrementalDetokenizer
+from api.engine.kv_batch import KVBatch, PrefixCache
 from api.engine.errors import (
     EngineDeadError,
     EngineError,
@@ -67,7 +69,7 @@ class Sequence:
 
 class BatchScheduler:
     def __init__(self, bundle: ModelBundle, *, max_batch_size: int, max_waiting: int,
-                 request_timeout_s: float, metrics: EngineMetrics):
+                 request_timeout_s: float, metrics: EngineMetrics, prefix_caching: bool = True):
         self.bundle = bundle
         self.model = bundle.model
         self.max_batch_size = max_batch_size
@@ -84,9 +86,8 @@ class BatchScheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._prefilling = 0                          # admitted, in neither list during prefill
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None        # [batch, cache_len], 1 = real token
-        self._positions: torch.Tensor | None = None   # [batch], real tokens in cache per row
+        self._kv = KVBatch()
+        self._prefix = PrefixCache() if prefix_caching else None
         self._stopping = False
         self._failures = 0
         self._outbox: list[tuple[Sequence, GenerationChunk]] = []
@@ -215,7 +216,10 @@ class BatchScheduler:
         for seq in self._running:
             if not seq.done:
                 self._finish(seq, error=error)
-        self._running, self._cache, self._mask, self._positions = [], None, None, None
+        self._running = []
+        self._kv.clear()
+        if self._prefix is not None:  # its tensors may come from the failed step
+            self._prefix.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -234,47 +238,53 @@ class BatchScheduler:
             self._waiting = deque(s for s in self._waiting if not s.done)
         self._evict()
 
-    @torch.inference_mode()
     def _prefill(self, seqs: list[Sequence]) -> None:
-        n, width = len(seqs), max(s.prompt_len for s in seqs)
+        """Prefill new sequences: those that share the cached prefix start after it."""
+        shared = ([s for s in seqs if self._prefix.match(s.request.prompt_ids)]
+                  if self._prefix is not None else [])
+        others = [s for s in seqs if s not in shared]
+        if shared:  # taken before `others` may teach the cache a new prefix
+            prefix_len = len(self._prefix.tokens)
+            past = self._prefix.past(len(shared))
+            self._prefix.hits += len(shared)
+        if others:
+            self._prefill_group(others, None, 0)
+        if shared:
+            self._prefill_group(shared, past, prefix_len)
+
+    @torch.inference_mode()
+    def _prefill_group(self, seqs: list[Sequence], past: DynamicCache | None, skip: int) -> None:
+        """One forward over the prompts of ``seqs`` after their first ``skip`` tokens (in ``past``)."""
+        parts = [s.request.prompt_ids[skip:] for s in seqs]
+        n, width = len(seqs), max(len(p) for p in parts)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, width - seq.prompt_len:] = torch.tensor(seq.request.prompt_ids)
-            mask[i, width - seq.prompt_len:] = 1
+        mask = torch.zeros((n, width + skip), dtype=torch.long)
+        mask[:, :skip] = 1
+        for i, part in enumerate(parts):
+            ids[i, width - len(part):] = torch.tensor(part)
+            mask[i, skip + width - len(part):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
+        cache = past if past is not None else DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
-        self._join(out.past_key_values, mask, mask.sum(-1))
+        if self._prefix is not None and skip == 0:
+            for i, seq in enumerate(seqs):
+                self._prefix.observe(seq.request.prompt_ids, out.past_key_values, i,
+                                     width - seq.prompt_len)
+        self._kv.join(out.past_key_values, mask)
         self._running.extend(seqs)
         self._sample_and_accept(out.logits[:, -1, :], seqs)
-
-    def _join(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        if self._cache is None:
-            self._cache, self._mask, self._positions = cache, mask, positions
-            return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width - old_len, 2),
-                                  _left_pad(new.keys, width - new_len, 2)], 0)
-            old.values = torch.cat([_left_pad(old.values, width - old_len, 2),
-                                    _left_pad(new.values, width - new_len, 2)], 0)
-        self._mask = torch.cat([_left_pad(self._mask, width - old_len, 1),
-                                _left_pad(mask, width - new_len, 1)], 0)
-        self._positions = torch.cat([self._positions, positions], 0)
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
         seqs = self._running
         ids = torch.tensor([[s.next_token] for s in seqs], dtype=torch.long, device=self.device)
-        mask = torch.cat([self._mask, self._mask.new_ones((len(seqs), 1))], 1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions[:, None],
-                         past_key_values=self._cache, use_cache=True)
-        self._mask, self._positions = mask, self._positions + 1
+        mask, positions = self._kv.step_inputs()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self._kv.cache, use_cache=True)
+        self._kv.advance(mask)
         self.metrics.batch_size.observe(len(seqs))
         self._sample_and_accept(out.logits[:, -1, :], seqs)
 
@@ -331,21 +341,10 @@ class BatchScheduler:
 
     def _evict(self) -> None:
         keep = [i for i, s in enumerate(self._running) if not s.done]
-        if len(keep) == len(self._running):
-            self.metrics.running.set(len(self._running))
-            return
-        self._running = [self._running[i] for i in keep]
+        if len(keep) != len(self._running):
+            self._running = [self._running[i] for i in keep]
+            self._kv.keep(keep)
         self.metrics.running.set(len(self._running))
-        if not keep:
-            self._cache, self._mask, self._positions = None, None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._mask, self._positions = self._mask[index], self._positions[index]
-        lead = int((self._mask.shape[1] - self._positions).min())
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, lead:]
-            layer.values = layer.values[index, :, lead:]
-        self._mask = self._mask[:, lead:]
 
     def _flush(self) -> None:
         if not self._outbox:
@@ -366,18 +365,11 @@ class BatchScheduler:
             self._waiting.clear()
         for seq in pending:
             self._finish(seq, error=error)
-        self._running, self._cache, self._mask, self._positions = [], None, None, None
+        self._running = []
+        self._kv.clear()
         self._flush()
 
 
 def _deliver(items: list[tuple[asyncio.Queue, GenerationChunk]]) -> None:
     for queue, chunk in items:
         queue.put_nowait(chunk)
-
-
-def _left_pad(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
-    if amount <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = amount
-    return torch.cat([tensor.new_zeros(shape), tensor], dim)

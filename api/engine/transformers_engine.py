@@ -64,7 +64,8 @@ class TransformersEngine(Engine):
         self.scheduler = BatchScheduler(
             bundle, max_batch_size=self.settings.max_batch_size,
             max_waiting=self.settings.max_waiting,
-            request_timeout_s=self.settings.request_timeout_s, metrics=self.metrics)
+            request_timeout_s=self.settings.request_timeout_s, metrics=self.metrics,
+            prefix_caching=self.settings.prefix_caching)
         self.scheduler.start()
         self.state = EngineState.READY
         log.info("model ready in %.1fs: base=%s adapter=%s device=%s dtype=%s%s",
