@@ -66,7 +66,7 @@ class UIHandlers:
         try:
             request = SummarizeRequest(text=text, max_tokens=int(max_tokens),
                                        temperature=float(temperature))
-            generation = self.serving.summary_request(request)
+            generation = await self.serving.summary_request(request)
         except Exception as exc:
             raise error_for(exc) from None
         async with aclosing(self._stream(generation)) as chunks:
@@ -84,7 +84,7 @@ class UIHandlers:
             request = ChatCompletionRequest(model=self.serving.model_name, messages=messages,
                                             max_tokens=int(max_tokens),
                                             temperature=float(temperature))
-            generation = self.serving.chat_request(request)
+            generation = await self.serving.chat_request(request)
         except Exception as exc:
             raise error_for(exc) from None
         async with aclosing(self._stream(generation)) as chunks:

@@ -20,7 +20,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            serving: Serving = Depends(get_serving)):
     """Chat completion; with ``stream: true`` an SSE stream of chunks ending ``data: [DONE]``."""
     if body.stream:
-        events = serving.chat_completion_stream(body)
+        events = await serving.chat_completion_stream(body)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await cancel_on_disconnect(request, serving.chat_completion(body))
