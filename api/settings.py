@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _ENV = SettingsConfigDict(env_prefix="THAI_", env_file=".env", extra="ignore")
@@ -275,17 +275,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "Every option can also be set as an environment variable THAI_<NAME>.",
     )
     for group_name, cls in (("model", ModelSettings), ("server", ServerSettings)):
-        group = parser.add_argument_group(f"{group_name} settings")
-        for name, field in cls.model_fields.items():
-            flag = "--" + name.replace("_", "-")
-            help_text = f"{field.description} [env THAI_{name.upper()}; default {field.get_default(call_default_factory=True)!r}]"
-            help_text = help_text.replace("%", "%%")
-            if field.annotation is bool:
-                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_text)
-            else:
-                group.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+        add_field_flags(parser.add_argument_group(f"{group_name} settings"), cls, env_prefix="THAI_")
     return parser
+
+
+def add_field_flags(parser, model: type[BaseModel], env_prefix: str | None = None) -> None:
+    """One ``--kebab-name`` flag per field of ``model``, help from its description.
+
+    Flags left out are absent from the parsed namespace (``SUPPRESS``), so the
+    model's own defaults and environment variables still apply.
+    """
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"env {env_prefix}{name.upper()}; " if env_prefix else ""
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description} [{env}default {default!r}]".replace("%", "%%")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
 def settings_from_cli(argv: list[str] | None = None) -> Settings:

@@ -24,6 +24,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per :class:`DeployOptions` field, described by the field."""
+    from api.settings import add_field_flags
     from deploy.render import DeployOptions
 
     parser = argparse.ArgumentParser(
@@ -33,15 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"output folder [default {DEFAULT_OUT}]")
     parser.add_argument("--force", action="store_true",
                         help="overwrite files even when they were changed since they were generated")
-    for name, field in DeployOptions.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description} [default {default!r}]".replace("%", "%%")
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+    add_field_flags(parser, DeployOptions)
     return parser
 
 
