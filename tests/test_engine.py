@@ -26,8 +26,8 @@ def run(coro):
 
 async def started(demo_checkpoint, **overrides) -> TransformersEngine:
     base, lora = demo_checkpoint
-    engine = TransformersEngine(ModelSettings(base_model=str(base), lora_path=str(lora),
-                                              require_model=True, **overrides))
+    settings = {"base_model": str(base), "lora_path": str(lora), "require_model": True, **overrides}
+    engine = TransformersEngine(ModelSettings(**settings))
     await engine.start()
     await engine.wait_ready()
     assert engine.ready, engine.error
@@ -148,3 +148,21 @@ def test_prefix_cache_reuses_the_shared_prompt_prefix_without_changing_output(de
     assert prefix_len >= 16 and hits >= len(PROMPTS)
     assert cached_single == plain_single
     assert cached_together == plain_together == plain_single
+
+
+def test_adapter_is_applied_merged_or_not(demo_checkpoint):
+    """The LoRA adapter changes the output; merging it (the default) is only faster."""
+    async def first_tokens(**overrides):
+        engine = await started(demo_checkpoint, **overrides)
+        try:
+            kind = type(engine.bundle.model).__name__
+            return [await generate(engine, p, max_tokens=8) for p in PROMPTS[:3]], kind
+        finally:
+            await engine.stop()
+
+    merged, merged_kind = run(first_tokens())
+    unmerged, unmerged_kind = run(first_tokens(merge_lora=False))
+    base_only, _ = run(first_tokens(lora_path=""))
+    assert merged_kind == "Qwen2ForCausalLM" and unmerged_kind == "PeftModelForCausalLM"
+    assert unmerged == merged
+    assert base_only != merged
