@@ -83,7 +83,12 @@ def status_for(exc: BaseException) -> tuple[int, str, str | None]:
     return 500, "internal_server_error", None
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_content(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """Status, OpenAI error body and headers for ``exc``: for a response, or an SSE error event.
+
+    Failures we did not raise on purpose are logged with their traceback and
+    answered with a generic message, so no internals reach the client.
+    """
     status, error_type, code = status_for(exc)
     if status >= 500 and not isinstance(exc, (APIError, EngineError)):
         log.error("unhandled error: %r", exc, exc_info=exc)
@@ -96,8 +101,12 @@ def error_response(exc: BaseException) -> JSONResponse:
     elif status == 503:
         headers["Retry-After"] = "5"
     param = getattr(exc, "param", None)
-    return JSONResponse(error_body(status, message, error_type, param, code), status_code=status,
-                        headers=headers)
+    return status, error_body(status, message, error_type, param, code), headers
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, body, headers = error_content(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

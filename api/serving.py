@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from api.engine import Engine, GenerationChunk, GenerationRequest, SamplingParams
-from api.errors import InvalidRequestError, ModelNotFoundError
+from api.errors import InvalidRequestError, ModelNotFoundError, error_content
 from api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -92,7 +92,7 @@ class Serving:
                 f"{self.settings.max_messages} (THAI_MAX_MESSAGES)", param="messages",
                 code="too_many_messages")
         messages = []
-        for i, message in enumerate(request.messages):
+        for message in request.messages:
             role = "system" if message.role == "developer" else message.role
             messages.append({"role": role, "content": normalize_text(message.text())})
         if all(is_blank(m["content"]) for m in messages if m["role"] == "user") and any(
@@ -169,13 +169,8 @@ class Serving:
                     if include_usage:
                         yield event([], _usage(chunk.prompt_tokens, chunk.completion_tokens))
         except Exception as exc:  # mid-stream failure: an OpenAI error event, then [DONE]
-            from api.errors import error_body, status_for
-
-            status, error_type, code = status_for(exc)
-            message = str(exc) if status < 500 or hasattr(exc, "retry_after") or code else "internal error"
-            if status >= 500 and code is None:
-                log.exception("stream failed")
-            yield f"data: {json.dumps(error_body(status, message, error_type, None, code), ensure_ascii=False)}\n\n"
+            _, body, _ = error_content(exc)
+            yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
         finally:  # the client left mid-stream: stop generating for it
             await stream.aclose()
         yield "data: [DONE]\n\n"

@@ -190,3 +190,11 @@ def test_cors_off_by_default_and_configurable():
     with TestClient(app) as c2:
         r = c2.get("/v1/models", headers={"Origin": "https://x.example"})
         assert r.headers["access-control-allow-origin"] == "https://x.example"
+
+
+def test_unexpected_error_mid_stream_hides_internals():
+    c, _ = make_client(fail=RuntimeError("secret internals"))
+    with c:
+        events = sse_events(chat(c, stream=True))
+    error = events[-1]["error"]
+    assert error["type"] == "internal_server_error" and "secret" not in error["message"]
