@@ -186,6 +186,70 @@ class ServerSettings(BaseSettings):
         "outputs) to the log. Off by default; confidential text stays out of logs.",
     )
 
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses of the reverse proxies whose X-Forwarded-For/-Proto/-Host "
+        "headers are believed (comma separated; the generated nginx set-up uses 127.0.0.1). "
+        "From any other client these headers are removed, so nobody can pose as another "
+        "address or host. Empty: no proxy is trusted.",
+    )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, le=1024 * 1024,
+        description="Largest request line plus headers, in bytes; more get HTTP 431 and the "
+        "connection is closed.",
+    )
+    max_headers: int = Field(
+        100, ge=8, le=10_000, description="Most header fields one request may carry; more get HTTP 431.",
+    )
+    header_timeout_s: float = Field(
+        10.0, ge=0.5, le=600,
+        description="Seconds a client has to send a request's line and headers once it connects "
+        "or starts a request; slower clients get HTTP 408 and are disconnected (slowloris).",
+    )
+    body_timeout_s: float = Field(
+        60.0, ge=1, le=3600,
+        description="Seconds a client has to send a whole request body, and at most a third of "
+        "that between two pieces of it; slower bodies get HTTP 408.",
+    )
+    max_connections: int = Field(
+        512, ge=1, le=100_000,
+        description="Most open connections and running requests at once; beyond it new "
+        "requests get HTTP 503 (uvicorn's limit_concurrency).",
+    )
+    auth_failures_per_minute: int = Field(
+        10, ge=0, le=100_000,
+        description="Wrong API keys a client address may send per minute (as a burst, then "
+        "refilled at this rate); beyond it every request from that address that needs a key "
+        "gets HTTP 429 until the budget refills. 0 turns the limit off.",
+    )
+    ui_rate_limit_per_minute: int = Field(
+        300, ge=0, le=1_000_000,
+        description="UI calls (Gradio events and uploads, not page loads) allowed per minute per "
+        "client address (per key when the UI is protected); more get HTTP 429. 0 turns it off.",
+    )
+    ui_rate_limit_burst: int = Field(
+        60, ge=1, le=100_000, description="UI calls a client may make at once before the "
+        "per-minute rate applies.",
+    )
+    ui_queue_max_size: int = Field(
+        256, ge=1, le=100_000,
+        description="Most UI events waiting in Gradio's queue; more are refused (the UI says the "
+        "server is busy).",
+    )
+    ui_upload_dir: str = Field(
+        "", description="Where the UI keeps uploaded files, each process in its own folder "
+        "that is emptied at exit (default: a folder in the system's temp directory).",
+    )
+    ui_upload_quota_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, le=1024**4,
+        description="Most bytes of uploads kept at once; an upload that would pass it gets "
+        "HTTP 507. 0 refuses uploads.",
+    )
+    ui_upload_ttl_s: float = Field(
+        3600.0, ge=10, le=7 * 86400,
+        description="Seconds an uploaded file is kept before it is deleted.",
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -201,7 +265,7 @@ class ServerSettings(BaseSettings):
                 raise ValueError("each API key needs at least 8 printable characters without spaces")
         return value
 
-    @field_validator("cors_origins", "frame_ancestors", mode="before")
+    @field_validator("cors_origins", "frame_ancestors", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
@@ -218,11 +282,16 @@ class ServerSettings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _spaces_port(cls, data: object) -> object:
-        """On Hugging Face Spaces the platform picks the port via GRADIO_SERVER_PORT."""
+        """On Hugging Face Spaces the platform picks the port (GRADIO_SERVER_PORT) and is the proxy."""
         if isinstance(data, dict) and "port" not in data and "THAI_PORT" not in os.environ:
             spaces_port = os.environ.get("GRADIO_SERVER_PORT")
             if spaces_port:
                 data = {**data, "port": spaces_port}
+        # A Space's container is reachable only through the platform's proxy, whose
+        # X-Forwarded-Host/-Proto give the page its public https URL: believe it there.
+        if isinstance(data, dict) and os.environ.get("SPACE_ID") \
+                and "forwarded_allow_ips" not in data and "THAI_FORWARDED_ALLOW_IPS" not in os.environ:
+            data = {**data, "forwarded_allow_ips": ["*"]}
         return data
 
 

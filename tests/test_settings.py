@@ -42,6 +42,16 @@ def test_spaces_port_fallback(monkeypatch):
     assert ServerSettings().port == 8002
 
 
+def test_proxy_headers_are_believed_by_default_only_on_a_space(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("THAI_FORWARDED_ALLOW_IPS", raising=False)
+    assert ServerSettings().forwarded_allow_ips == []
+    monkeypatch.setenv("SPACE_ID", "someone/thai-llm")  # only the platform's proxy reaches it
+    assert ServerSettings().forwarded_allow_ips == ["*"]
+    monkeypatch.setenv("THAI_FORWARDED_ALLOW_IPS", "10.0.0.1, 10.0.0.2")
+    assert ServerSettings().forwarded_allow_ips == ["10.0.0.1", "10.0.0.2"]
+
+
 def test_cors_origins_comma_separated(monkeypatch):
     monkeypatch.setenv("THAI_CORS_ORIGINS", "https://a.example, https://b.example")
     assert ServerSettings().cors_origins == ["https://a.example", "https://b.example"]
