@@ -26,11 +26,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from api.http_protocol import guarded_protocol
     from api.lifecycle import DrainingServer
-    from api.middleware import install_request_id_logging
+    from api.middleware import install_log_sanitizer, install_request_id_logging
     from api.server import create_app
 
     install_request_id_logging(logging.getLogger().handlers)
+    install_log_sanitizer(logging.getLogger().handlers)  # one escaped, cut line per record
     try:
         app = create_app(settings)
     except SettingsError as exc:  # e.g. an unreadable API key file
@@ -44,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
                             # Under a sub-path the proxy strips the prefix and uvicorn's root
                             # path adds it back (FastAPI's and Gradio's root_path break mounts).
                             root_path=settings.server.root_path,
-                            proxy_headers=True, forwarded_allow_ips="127.0.0.1",
+                            # X-Forwarded-* are applied by api.middleware.TrustedProxyMiddleware,
+                            # from THAI_FORWARDED_ALLOW_IPS only (uvicorn's trusts any loopback peer).
+                            proxy_headers=False,
+                            # Header size/count/time limits (httptools has none) and a cap on
+                            # connections: the server may face the internet without nginx.
+                            http=guarded_protocol(settings.server),
+                            limit_concurrency=settings.server.max_connections,
                             timeout_graceful_shutdown=5)  # after the drain (THAI_DRAIN_TIMEOUT_S)
     server = DrainingServer(config, app)
     app.state.shutdown_hook = lambda: setattr(server, "should_exit", True)

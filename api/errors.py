@@ -10,6 +10,8 @@ registered by :func:`install_error_handlers` translate.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -51,8 +53,22 @@ class ModelNotFoundError(APIError):
     status_code = 404
 
     def __init__(self, name: str, served: str):
-        super().__init__(f"The model `{name}` does not exist. This server serves `{served}`.",
+        super().__init__(f"The model `{clip(name, 256)}` does not exist. This server serves `{served}`.",
                          param="model", code="model_not_found")
+
+
+class ClientDisconnectedError(APIError):
+    """The client went away before its answer was ready (it timed out, or closed the tab).
+
+    Nobody reads the response, but the status still counts: 499 (nginx's "client closed
+    request") keeps these out of the 5xx counts in ``/metrics`` and out of the error log.
+    """
+
+    status_code = 499
+
+    def __init__(self, waited_s: float):
+        super().__init__(f"The client disconnected after {waited_s:.1f}s; the generation was "
+                         "cancelled.", code="client_disconnected")
 
 
 # Exception class -> (status, OpenAI error type, code). The one place statuses live.
@@ -65,6 +81,34 @@ ENGINE_ERRORS: dict[type[EngineError], tuple[int, str, str | None]] = {
     EngineDeadError: (503, "service_unavailable", "engine_dead"),
     GenerationTimeoutError: (504, "timeout", "request_timeout"),
 }
+
+
+MAX_ECHO_CHARS = 256  # the most of one client-sent name or value an error message quotes
+MAX_MESSAGE_CHARS = 1024
+
+# An absolute, home or dot-relative file path; not a URL (``https://host/x``), not a hub id
+# (``Qwen/Qwen2.5-1.5B``), not ``and/or``: the slash must not follow a word character.
+_PATH = re.compile(r"""(?<![\w:/.~-])(?:~|\.\.?)?/[^\s'"`,;()<>\[\]{}|]+""")
+PATH_PLACEHOLDER = "<path>"
+
+
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with a marker, so no error echoes megabytes back."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[{len(text) - limit} more characters]"
+
+
+def redact_paths(text: str, private: Iterable[str] = ()) -> str:
+    """``text`` without server file paths: the ``private`` ones (e.g. the configured model
+    folders, relative ones too) and anything that looks like an absolute path.
+
+    Load and engine failures are shown to anonymous users (``/health``, ``/ready``, the UI's
+    banner, 503 bodies); the log keeps the full text.
+    """
+    for path in sorted({p for p in private if p and len(p) > 1}, key=len, reverse=True):
+        text = text.replace(path, PATH_PLACEHOLDER)
+    return _PATH.sub(PATH_PLACEHOLDER, text)
 
 
 def error_body(status: int, message: str, error_type: str, param: str | None = None,
@@ -95,6 +139,8 @@ def error_content(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
         message = "Internal server error; the request id in the X-Request-ID header identifies it in the logs."
     else:
         message = getattr(exc, "message", None) or str(exc)
+        if isinstance(exc, EngineError):  # load failures quote model folders
+            message = redact_paths(message)
     headers = {}
     if isinstance(exc, EngineOverloadedError):
         headers["Retry-After"] = str(exc.retry_after)
@@ -114,11 +160,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    text = first.get("msg", "invalid value")
+    # A field *name* is client input too (a 2 MB key would come back in ``param``): clip both.
+    loc = [clip(str(part), 64) for part in first.get("loc", ()) if part != "body"]
+    param = clip(".".join(loc)) or None
+    text = clip(str(first.get("msg", "invalid value")), MAX_MESSAGE_CHARS // 2)
     if first.get("type") == "json_invalid":
-        return f"Request body is not valid JSON: {first.get('ctx', {}).get('error', text)}", None
+        detail = clip(str(first.get("ctx", {}).get("error", text)))
+        return f"Request body is not valid JSON: {detail}", None
     more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
     return (f"{param}: {text}" if param else text) + more, param
 
@@ -135,7 +183,7 @@ def install_error_handlers(app: FastAPI) -> None:
             phrase = HTTPStatus(exc.status_code).phrase
         except ValueError:
             phrase = "error"
-        message = exc.detail if isinstance(exc.detail, str) else phrase
+        message = clip(exc.detail, MAX_MESSAGE_CHARS) if isinstance(exc.detail, str) else phrase
         error_type = "invalid_request_error" if exc.status_code < 500 else "internal_server_error"
         code = getattr(exc, "code", None)  # e.g. api.middleware.RequestTooLarge
         return JSONResponse(error_body(exc.status_code, message, error_type, None, code),

@@ -33,6 +33,7 @@ from api.engine import Engine, EngineState
 from api.errors import error_body
 from api.protocol import ReadinessResponse
 from api.security import PROBE_PATHS, is_ui_path, route_path
+from api.serving import public_failure
 
 log = logging.getLogger("thai.lifecycle")
 ENGINE_CHECK_INTERVAL_S = 0.5
@@ -113,7 +114,7 @@ async def ready(request: Request):
     """200 when the model is loaded, the engine alive and the server not draining; else 503."""
     engine: Engine = request.app.state.engine
     lifecycle: Lifecycle = request.app.state.lifecycle
-    failure = engine.failure()
+    failure = public_failure(engine)  # anyone may ask: no server paths (the log has them)
     if lifecycle.draining:
         status, reason = "draining", "the server is shutting down"
     elif failure:

@@ -17,6 +17,14 @@ so a streamed response goes out chunk by chunk, never buffered.
 - :class:`PromptLogMiddleware`, only with ``THAI_LOG_PROMPTS``, writes request
   and response bodies to the log; without it prompts and outputs never reach
   a log line.
+- :class:`TrustedProxyMiddleware` (outermost) believes ``X-Forwarded-*`` only
+  from the proxies in ``THAI_FORWARDED_ALLOW_IPS`` and strips them from anyone
+  else; :class:`RelativeRedirectMiddleware` turns redirects to the request's
+  own Host into relative ones, so a forged Host never lands in a ``Location``.
+
+:class:`SafeLogFilter` (installed on the root handlers by app.py) escapes
+control characters and cuts every log record, so nothing a client sends can
+forge a log line or flood the log.
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ import logging
 import re
 import uuid
 from contextvars import ContextVar
+from urllib.parse import urlsplit
 
 from fastapi import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api.errors import error_body, error_response
 from api.security import is_ui_path, route_path
@@ -64,6 +74,74 @@ def install_request_id_logging(handlers: list[logging.Handler]) -> None:
     for handler in handlers:
         if not any(isinstance(f, RequestIdLogFilter) for f in handler.filters):
             handler.addFilter(RequestIdLogFilter())
+
+
+MAX_LOG_CHARS = 4096  # one log record's message; a traceback keeps its head and tail lines
+MAX_TRACEBACK_LINES = 60
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def safe_log_text(text: str, limit: int = MAX_LOG_CHARS) -> str:
+    """``text`` on one line (control characters escaped as ``\\n``, ``\\x1b``...), cut at
+    ``limit`` characters with a marker saying how much was left out."""
+    cut = len(text) - limit if len(text) > limit else 0
+    text = _CONTROL.sub(_escape_char, text[:limit] if cut else text)
+    if len(text) > limit:  # escapes made it longer
+        cut += len(text) - limit
+        text = text[:limit]
+    return f"{text}…[{cut} characters cut]" if cut else text
+
+
+def _safe_traceback(text: str) -> str:
+    """A traceback, still on several lines, but each escaped and cut, every one indented (so
+    an exception message cannot start a line that looks like a record of its own) and, past
+    :data:`MAX_TRACEBACK_LINES`, only its first and last lines kept."""
+    lines = text.rstrip("\n").split("\n")
+    if len(lines) > MAX_TRACEBACK_LINES:
+        head, tail = 10, MAX_TRACEBACK_LINES - 10
+        lines = lines[:head] + [f"... {len(lines) - head - tail} traceback lines cut ..."] + lines[-tail:]
+    return "\n".join("  " + safe_log_text(line) for line in lines)
+
+
+class SafeLogFilter(logging.Filter):
+    """Makes every record one safe line before any handler formats it.
+
+    Client input reaches log lines (an unknown field's *name*, a path, an exception
+    message): a newline in it once forged a whole log line, and a 1.9 MB field name added
+    1.9 MB to the log. Here the message is formatted once, escaped and cut at
+    :data:`MAX_LOG_CHARS`; tracebacks keep their lines but are escaped, indented and cut.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_thai_safe", False):  # several handlers share the record
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string: keep what there is
+            message = f"{record.msg!s} {record.args!r}"
+        limit = getattr(record, "log_limit", MAX_LOG_CHARS)  # THAI_LOG_PROMPTS asks for more
+        record.msg, record.args = safe_log_text(message, limit), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _safe_traceback(record.exc_text)
+        if record.stack_info:
+            record.stack_info = _safe_traceback(record.stack_info)
+        record._thai_safe = True
+        return True
+
+
+def install_log_sanitizer(handlers: list[logging.Handler]) -> None:
+    """Attach :class:`SafeLogFilter` to the given handlers (app.py: the root logger's)."""
+    for handler in handlers:
+        if not any(isinstance(f, SafeLogFilter) for f in handler.filters):
+            handler.addFilter(SafeLogFilter())
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -223,8 +301,103 @@ class PromptLogMiddleware:
         try:
             await self.app(scope, logging_receive, logging_send)
         finally:
-            self.log.info("%s request: %s", route_path(scope), request_body.decode("utf-8", "replace"))
-            self.log.info("%s response: %s", route_path(scope), response_body.decode("utf-8", "replace"))
+            extra = {"log_limit": self.limit + 256}  # SafeLogFilter would cut at 4 KB
+            self.log.info("%s request: %s", route_path(scope), request_body.decode("utf-8", "replace"),
+                          extra=extra)
+            self.log.info("%s response: %s", route_path(scope),
+                          response_body.decode("utf-8", "replace"), extra=extra)
+
+
+# Headers a reverse proxy sets about the client; from anyone else they are lies.
+FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                                b"x-forwarded-port", b"x-forwarded-prefix", b"forwarded",
+                                b"x-real-ip"})
+# Gradio takes its page's root URL from this one before anything else; no proxy of ours sets
+# it, and nginx passes a client's through: dropped from everyone.
+NEVER_BELIEVED = frozenset({b"x-gradio-server"})
+_UNTRUSTED_DROP = FORWARDING_HEADERS | NEVER_BELIEVED
+
+
+class TrustedProxyMiddleware:
+    """Believes proxy headers only from the proxies in ``THAI_FORWARDED_ALLOW_IPS``.
+
+    When the direct peer is one of them (``*`` trusts all; networks like ``10.0.0.0/8``
+    work), ``X-Forwarded-For`` and ``-Proto`` set the client address and scheme exactly
+    as uvicorn's :class:`ProxyHeadersMiddleware` does (it is reused), and
+    ``X-Forwarded-Host`` stays for the UI's URLs. From anyone else, every forwarding
+    header is removed: uvicorn's own ``proxy_headers`` trusted any loopback client, so a
+    local process could pose as another address (escaping the per-address rate limit
+    and the wrong-key limit) and any client could set the UI's root URL through
+    ``X-Forwarded-Host``. ``X-Gradio-Server`` (the same power) is removed from everyone.
+    Installed outermost, so every other guard sees the result.
+    """
+
+    def __init__(self, app: ASGIApp, trusted: list[str] | str):
+        self.app = app
+        self.proxied = ProxyHeadersMiddleware(app, trusted_hosts=trusted)
+        self.trusted = self.proxied.trusted_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        trusted = bool(client) and client[0] in self.trusted
+        drop = NEVER_BELIEVED if trusted else _UNTRUSTED_DROP
+        headers = scope.get("headers") or []
+        if any(name.lower() in drop for name, _ in headers):
+            scope["headers"] = [(name, value) for name, value in headers if name.lower() not in drop]
+        await (self.proxied if trusted else self.app)(scope, receive, send)
+
+
+class RelativeRedirectMiddleware:
+    """Makes a redirect to this server's own host relative: ``Location: /ui/``.
+
+    Starlette builds absolute redirects from the request's Host header (``/ui`` ->
+    ``http://HOST/ui/``, ``/docs/`` -> ``http://HOST/docs``), so a forged Host went
+    straight into the ``Location`` (and into any cache in front). A relative reference
+    means the same to the browser and cannot point elsewhere. Redirects to other
+    hosts are left alone.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        own = {f"{scope['server'][0]}:{scope['server'][1]}"} if scope.get("server") else set()
+        for name, value in scope.get("headers", []):
+            if name.lower() in (b"host", b"x-forwarded-host"):  # X-Forwarded-Host: trusted only
+                own.update(h.strip().lower() for h in value.decode("latin-1").split(","))
+
+        async def send_relative(message: Message) -> None:
+            if message["type"] == "http.response.start" and 300 <= message.get("status", 200) < 400:
+                message["headers"] = [(name, _relative(value, own) if name.lower() == b"location"
+                                       else value) for name, value in message.get("headers", [])]
+            await send(message)
+
+        await self.app(scope, receive, send_relative)
+
+
+def _relative(location: bytes, own_hosts: set[str]) -> bytes:
+    try:
+        parts = urlsplit(location.decode("latin-1"))
+    except ValueError:
+        return location
+    if parts.scheme.lower() not in ("http", "https") or parts.netloc.lower() not in own_hosts:
+        return location
+    path = "/" + parts.path.lstrip("/")  # "//evil" would be a protocol-relative URL
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return (path + query + fragment).encode("latin-1")
+
+
+def install_proxy_guards(app, settings) -> None:
+    """Add the redirect rewriter and, outermost, the trusted-proxy step (call last)."""
+    app.add_middleware(RelativeRedirectMiddleware)
+    app.add_middleware(TrustedProxyMiddleware, trusted=list(settings.server.forwarded_allow_ips))
 
 
 def install_http_guards(app, settings) -> None:

@@ -50,25 +50,39 @@ class StreamOptions(BaseModel):
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_JSON_DEPTH = 64  # a chat request with content parts nests 4 levels; tool schemas a few more
 
 
-def _has_lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        return _SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_lone_surrogate(v) for v in value)
-    return False
+def check_json_input(data: Any) -> Any:
+    """Reject, as a 400, what the JSON parser accepts but the server must not process.
 
-
-def reject_lone_surrogates(data: Any) -> Any:
-    """JSON may escape half of a UTF-16 pair (``"\\ud800"``): no valid text, so a 400, not a crash
-    in the tokenizer or the JSON encoder."""
-    if _has_lone_surrogate(data):
-        raise ValueError("the request contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), "
-                         "which is not valid Unicode text")
+    - Nesting deeper than :data:`MAX_JSON_DEPTH`: a few hundred ``[`` in an ignored field
+      once made a recursive walk here raise ``RecursionError`` (a 500 with a 100 KB
+      traceback in the log). The walk is iterative and stops at the limit, so any depth
+      costs the same few microseconds per level.
+    - Half of a UTF-16 pair escaped alone (``"\\ud800"``): no valid text, so a 400, not
+      a crash in the tokenizer or the JSON encoder.
+    """
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value) is not None:
+                raise ValueError("the request contains an unpaired UTF-16 surrogate escape "
+                                 "(\\ud800-\\udfff), which is not valid Unicode text")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise ValueError(f"the request body nests JSON objects or arrays more than "
+                             f"{MAX_JSON_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((key, depth + 1) for key in value)
+            stack.extend((item, depth + 1) for item in value.values())
+        else:
+            stack.extend((item, depth + 1) for item in value)
     return data
+
 
 
 class ChatCompletionRequest(BaseModel):
@@ -76,7 +90,7 @@ class ChatCompletionRequest(BaseModel):
 
     # strict: a wrong JSON type (false for a number, "5" for an integer) is a 400, not coerced.
     model_config = ConfigDict(extra="allow", strict=True)
-    _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
+    _valid_input = model_validator(mode="before")(check_json_input)
 
     model: str | None = Field(None, max_length=256, description="Served model name.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
@@ -189,7 +203,7 @@ class SummarizeRequest(BaseModel):
     """The seed's summarize request."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    _valid_unicode = model_validator(mode="before")(reject_lone_surrogates)
+    _valid_input = model_validator(mode="before")(check_json_input)
     text: str = Field(min_length=1, max_length=200_000, description="Thai text to summarize.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens in the summary.")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -215,7 +229,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "thai-llm-serving"
-    root: str | None = Field(None, description="Base model the adapter sits on.")
+    root: str | None = Field(None, description="Base model the adapter sits on, when it is a Hugging "
+                             "Face hub id; null for a model loaded from a local folder (server paths "
+                             "are never shown).")
     demo: bool = Field(False, description="True when serving the offline demo checkpoint.")
 
 
@@ -225,17 +241,20 @@ class ModelList(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    """Open to anyone (probes need no key), so it names the model but shows no server path."""
+
     status: Literal["loading", "ok", "error"]
     model_loaded: bool
     model: str
-    base_model: str | None = None
-    adapter: str | None = None
+    base_model: str | None = Field(None, description="The base model's Hugging Face hub id; null "
+                                   "when it was loaded from a local folder.")
+    adapter_loaded: bool = Field(False, description="Whether a LoRA adapter is applied.")
     demo: bool = False
     device: str | None = None
     dtype: str | None = None
     memory_mb: float | None = Field(None, description="Model memory (GPU when on GPU, else process RSS).")
     uptime_s: float
-    error: str | None = None
+    error: str | None = Field(None, description="Why the model cannot serve (server paths removed).")
     requests_running: int = 0
     requests_waiting: int = 0
 

@@ -13,6 +13,14 @@ Keys are kept only as SHA-256 digests and compared with
 key's content nor which key matched leaks through timing. Logs and the rate
 limiter see a short label (``key-1a2b3c4d``), never the key.
 
+Wrong keys are limited per client address (``THAI_AUTH_FAILURES_PER_MINUTE``,
+a token bucket of failures): once an address has spent its budget, every request
+from it that needs a key gets 429 with ``Retry-After``, *before* its key is
+checked, so guessing costs minutes per ten tries instead of nothing; valid keys
+from other addresses are unaffected. The address is the one the trusted-proxy
+step (:class:`api.middleware.TrustedProxyMiddleware`) settled on: behind nginx
+with ``THAI_FORWARDED_ALLOW_IPS`` the real client, never a forged header.
+
 Both guards are pure ASGI middlewares: they answer or pass the request through
 untouched, so streamed responses are never buffered.
 """
@@ -23,6 +31,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -38,6 +47,8 @@ PROBE_PATHS = frozenset({"/health", "/ready"})
 METRICS_PATH = "/metrics"
 UI_PREFIX = "/ui"
 UI_REALM = 'Basic realm="Thai LLM UI", charset="UTF-8"'
+
+log = logging.getLogger("thai.security")
 
 
 def route_path(scope: Scope) -> str:
@@ -148,10 +159,13 @@ def needs_key(path: str, method: str, headers: list[tuple[bytes, bytes]], server
 
 
 class AuthMiddleware:
-    """Answers 401 in OpenAI's error shape unless the request carries a valid key."""
+    """Answers 401 in OpenAI's error shape unless the request carries a valid key, and 429
+    to an address that sent too many wrong keys (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, keys: APIKeys, server: ServerSettings):
         self.app, self.keys, self.server = app, keys, server
+        per_minute = server.auth_failures_per_minute  # as a burst, then refilled at this rate
+        self.failures = TokenBuckets(per_minute, per_minute) if per_minute > 0 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self.keys.enabled:
@@ -165,11 +179,23 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         ui = is_ui_path(path)
+        address = client_address(scope)
+        if self.failures is not None:
+            wait = self.failures.peek(address)
+            if wait > 0:  # before the key is even looked at: a locked-out guesser learns nothing
+                await self._locked_out(scope, receive, send, wait)
+                return
         key = presented_key(headers, allow_basic=ui)
         if self.keys.verify(key):
             scope.setdefault("state", {})["client_id"] = key_label(key)
             await self.app(scope, receive, send)
             return
+        if key and self.failures is not None:  # a wrong key (a missing one is no guess)
+            self.failures.take(address)
+            if self.failures.peek(address) > 0:
+                log.warning("%s sent %g wrong API keys; requests from it that need a key get 429 "
+                            "until its budget refills (THAI_AUTH_FAILURES_PER_MINUTE)",
+                            address, self.failures.burst)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "API key required"})
             return
@@ -181,6 +207,17 @@ class AuthMiddleware:
                           "invalid_api_key" if key else "missing_api_key")
         challenge = UI_REALM if ui else 'Bearer realm="thai-llm"'
         await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})(
+            scope, receive, send)
+
+    async def _locked_out(self, scope: Scope, receive: Receive, send: Send, wait: float) -> None:
+        retry_after = max(1, math.ceil(wait))
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "too many wrong API keys"})
+            return
+        body = error_body(429, f"Too many wrong API keys from this address: at most "
+                          f"{self.failures.rate * 60:g} per minute; retry in {retry_after}s.",
+                          "rate_limit_error", None, "too_many_auth_failures")
+        await JSONResponse(body, status_code=429, headers={"Retry-After": str(retry_after)})(
             scope, receive, send)
 
 
@@ -212,8 +249,24 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
         return wait
 
+    def peek(self, client: str, now: float | None = None) -> float:
+        """Like :meth:`take` but takes nothing (and stores nothing for an unknown client)."""
+        entry = self._buckets.get(client)
+        if entry is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens, last = entry
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def client_address(scope: Scope) -> str:
+    """The client's address (after the trusted-proxy step), for per-address limits."""
+    client = scope.get("client")
+    return client[0] if client else "unknown"
 
 
 def client_identity(scope: Scope) -> str:
@@ -221,8 +274,7 @@ def client_identity(scope: Scope) -> str:
     label = scope.get("state", {}).get("client_id")
     if label:
         return label
-    client = scope.get("client")
-    return f"ip-{client[0]}" if client else "ip-unknown"
+    return f"ip-{client_address(scope)}"
 
 
 def is_rate_limited(path: str, method: str) -> bool:
@@ -272,10 +324,16 @@ def document_security(app, server: ServerSettings) -> None:
                 if not needs_key(path, method.upper(), [], server, ui_mounted=False):
                     continue
                 operation["security"] = [{"APIKey": []}]
-                operation.setdefault("responses", {}).setdefault("401", {
+                responses = operation.setdefault("responses", {})
+                responses.setdefault("401", {
                     "description": "Missing or invalid API key",
                     "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+                if server.auth_failures_per_minute > 0:
+                    responses.setdefault("429", {
+                        "description": "Too many wrong API keys from this address",
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
         app.openapi_schema = schema
         return schema
 

@@ -21,8 +21,9 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from api import __version__
 from api.engine import Engine, EngineState
 from api.errors import install_error_handlers
+from api.http_protocol import install_body_timeout
 from api.lifecycle import install_lifecycle
-from api.middleware import install_http_guards
+from api.middleware import install_http_guards, install_proxy_guards
 from api.routes import info, openai_chat, summarize
 from api.security import install_access_control
 from api.serving import Serving
@@ -66,13 +67,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     # Middlewares added later wrap earlier ones: the key check and the rate limit sit
     # inside CORS (preflights pass, 401s carry CORS headers), the guards outside it.
     install_access_control(app, settings)
-    if settings.server.cors_origins:
-        wildcard = settings.server.cors_origins == ["*"]
-        app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins,
-                           allow_credentials=not wildcard, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "Retry-After"])
+    # Installed even with no origin configured (then it allows none): a mounted Gradio app
+    # steps its own CORS handling aside only when the parent app has a CORSMiddleware, and
+    # Gradio's own echoes any Origin, with credentials, to a non-localhost Host.
+    wildcard = settings.server.cors_origins == ["*"]
+    app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins,
+                       allow_credentials=bool(settings.server.cors_origins) and not wildcard,
+                       allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                       expose_headers=["X-Request-ID", "Retry-After"])
     install_lifecycle(app, settings)
+    install_body_timeout(app, settings)  # inside the guards: its 408 gets the id and headers
     install_http_guards(app, settings)
 
     app.include_router(info.router, tags=["info"])
@@ -83,6 +88,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         from thai_ui import mount_ui
 
         mount_ui(app)
+    install_proxy_guards(app, settings)  # last, so outermost: all else sees the real client
     return app
 
 

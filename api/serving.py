@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from api.engine import Engine, GenerationChunk, GenerationRequest, SamplingParams
-from api.errors import InvalidRequestError, ModelNotFoundError, error_content
+from api.errors import InvalidRequestError, ModelNotFoundError, clip, error_content, redact_paths
 from api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -33,6 +35,47 @@ from api.text import is_blank, normalize_text
 
 log = logging.getLogger("thai.serving")
 INLINE_ENCODE_CHARS = 4000  # shorter texts tokenize in well under a millisecond
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+# ------------------------------------------------------- what anyone may see
+# /health, /ready, /v1/models and the UI's banner are open to anonymous users (probes need
+# no key; the UI is public unless THAI_PROTECT_UI). They name the served model, the device
+# and dtype, whether an adapter is applied, and the base model only when it is a public hub
+# id: never a folder on the server, whose path tells an attacker the user names and layout.
+def public_base_model(name: str | None) -> str | None:
+    """``name`` when it is a Hugging Face hub id (``Qwen/Qwen2.5-1.5B-Instruct``), else None."""
+    if not name or not _HUB_ID.fullmatch(name) or name.startswith("."):
+        return None
+    try:
+        if Path(name).expanduser().exists():  # "models/base" is a relative folder, not an id
+            return None
+    except OSError:
+        return None
+    return name
+
+
+def private_paths(engine: Engine) -> list[str]:
+    """The model folders this server knows of (as configured and resolved), to redact."""
+    info, settings = engine.info, getattr(engine, "settings", None)
+    local = [info.adapter, getattr(settings, "lora_path", None), getattr(settings, "demo_dir", None)]
+    for base in (info.base_model, getattr(settings, "base_model", None)):
+        if base and public_base_model(base) is None:
+            local.append(base)
+    paths: list[str] = []
+    for path in filter(None, local):
+        paths.append(path)
+        try:
+            paths.append(str(Path(path).expanduser().resolve()))
+        except (OSError, RuntimeError):
+            pass
+    return paths
+
+
+def public_failure(engine: Engine) -> str | None:
+    """Why the engine cannot serve, without server paths (the log has the full text)."""
+    failure = engine.failure()
+    return redact_paths(failure, private_paths(engine)) if failure else None
 
 
 @dataclass
@@ -111,8 +154,10 @@ class Serving:
     async def chat_request(self, request: ChatCompletionRequest) -> GenerationRequest:
         self.check_model(request.model)
         ignored = request.unsupported_fields()
-        if ignored:
-            log.info("ignoring unsupported request field(s): %s", ", ".join(sorted(ignored)))
+        if ignored:  # names chosen by the client: a few, each clipped (the log filter escapes them)
+            names = sorted(clip(name, 64) for name in ignored)
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            log.info("ignoring unsupported request field(s): %s%s", ", ".join(names[:8]), more)
         params = self.sampling_params(
             max_tokens=request.requested_max_tokens(), temperature=request.temperature,
             top_p=request.top_p, stop=request.stop, seed=request.seed,

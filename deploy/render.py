@@ -10,6 +10,7 @@ bytes.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass
@@ -76,11 +77,26 @@ class DeployOptions(BaseModel):
                             description="torch requirement in the image.")
     torch_index: str = Field("https://download.pytorch.org/whl/cu128", pattern=r"^https://\S+$",
                              description="pip index of the CUDA build of torch for the image.")
+    docker_subnet: str = Field("172.31.240.0/24", pattern=r"^[0-9.]+/[0-9]+$",
+                               description="Docker Compose: the app network's IPv4 subnet. Its first "
+                               "address is the gateway that nginx's connections come from, the one "
+                               "proxy the app trusts there (THAI_FORWARDED_ALLOW_IPS).")
 
     @field_validator("install_dir")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/") or "/"
+
+    @field_validator("docker_subnet")
+    @classmethod
+    def _private_subnet(cls, value: str) -> str:
+        try:
+            network = ipaddress.IPv4Network(value, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"not an IPv4 subnet: {exc}") from None
+        if not network.is_private or network.prefixlen > 28:
+            raise ValueError("must be a private IPv4 subnet of at least 16 addresses (/28)")
+        return str(network)
 
     @model_validator(mode="after")
     def _ports_fit(self) -> "DeployOptions":
@@ -149,6 +165,11 @@ def build_context(options: DeployOptions, settings: Settings, out_dir: Path) -> 
         "prefix": prefix,
         "max_request_bytes": server.max_request_bytes,
         "frame_ancestors": ",".join(server.frame_ancestors),
+        # nginx connects from loopback (systemd) ...
+        "forwarded_allow_ips": ",".join(server.forwarded_allow_ips) or "127.0.0.1",
+        # ... or, through Docker's published port, from the app network's gateway.
+        "docker_subnet": options.docker_subnet,
+        "docker_gateway": str(next(ipaddress.IPv4Network(options.docker_subnet).hosts())),
         "served_model_name": model.served_model_name,
         "base_model": base_dir or model.base_model,
         "base_model_dir": base_dir,

@@ -44,8 +44,13 @@ def proxied(model_env, tmp_path_factory):
     require_tool("nginx")
     work = tmp_path_factory.mktemp("nginx-e2e")
     cert, key = self_signed_certificate(work)
+    # The app trusts the proxy the generated env file names (nginx on loopback), as in production.
+    generate(work / "env-only", env={"THAI_MAX_REQUEST_BYTES": str(BODY_LIMIT)})
+    env_file = (work / "env-only" / "thai-model-api.env").read_text()
+    trusted = next(line.split("=", 1)[1] for line in env_file.splitlines()
+                   if line.startswith("THAI_FORWARDED_ALLOW_IPS="))
     app = start_server({**model_env, "THAI_ROOT_PATH": SUB_PATH, "THAI_MAX_REQUEST_BYTES": str(BODY_LIMIT),
-                        "THAI_DRAIN_TIMEOUT_S": "5"}, work / "logs")
+                        "THAI_DRAIN_TIMEOUT_S": "5", "THAI_FORWARDED_ALLOW_IPS": trusted}, work / "logs")
     nginx = None
     try:
         http_port, https_port = free_port(), free_port()
@@ -115,8 +120,12 @@ def test_chat_stream_arrives_in_pieces_through_the_proxy(proxied, client, result
 
 def test_forwarded_headers_reach_the_app(proxied):
     response = httpx.get(proxied.base + "/", headers={"Accept": "text/html"}, verify=proxied.tls)
-    assert response.status_code == 307  # browsers go to the UI; the app builds the URL from Host/Proto
-    assert response.headers["location"] == f"https://127.0.0.1:{proxied.https_port}{SUB_PATH}/ui/"
+    assert response.status_code == 307  # browsers go to the UI, by a relative URL under the prefix
+    assert response.headers["location"] == f"{SUB_PATH}/ui/"
+    # nginx's X-Forwarded-Host/-Proto are believed (it is the trusted proxy): the UI's root URL
+    config = httpx.get(proxied.base + "/ui/config", verify=proxied.tls)
+    assert config.status_code == 200
+    assert config.json()["root"] == f"https://127.0.0.1:{proxied.https_port}{SUB_PATH}/ui"
 
 
 def test_app_sees_the_client_address_not_a_spoofed_one(proxied, results):

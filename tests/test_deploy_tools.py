@@ -59,6 +59,9 @@ def test_generator_writes_every_file_from_the_server_settings(tmp_path, install_
     assert "Environment=THAI_REQUIRE_MODEL=true" in unit
     env_file = (out / "thai-model-api.env").read_text()
     assert "THAI_SERVED_MODEL_NAME=thai-prod" in env_file and "THAI_MAX_REQUEST_BYTES=65536" in env_file
+    # nginx on loopback is the one proxy whose X-Forwarded-* the app believes (systemd reads this file)
+    assert "\nTHAI_FORWARDED_ALLOW_IPS=127.0.0.1\n" in env_file
+    assert f"EnvironmentFile={'/etc/thai-model-api/thai-model-api.env'}" in unit
     assert os.stat(out / "start_api.sh").st_mode & 0o777 == 0o755
     assert os.stat(out / "thai-model-api.env").st_mode & 0o777 == 0o640
 
@@ -105,6 +108,9 @@ def test_bad_options_are_refused_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "--sub-path" in result.stderr and "--replicas" in result.stderr
     assert not (tmp_path / "out").exists()
+    for subnet in ("8.8.8.0/24", "172.31.240.0/30", "172.31.240.1/24"):  # public, tiny, host bits
+        result = generate(tmp_path / "out", "--docker-subnet", subnet, check=False)
+        assert result.returncode == 2 and "--docker-subnet" in result.stderr, subnet
 
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
@@ -171,6 +177,11 @@ def test_docker_compose_accepts_the_compose_file(tmp_path, install_dir):
     assert "/ready" in " ".join(service["healthcheck"]["test"])
     assert service["ports"] == ["127.0.0.1:9100-9102:9100/tcp"]  # loopback only: nginx is the public face
     assert service["environment"]["THAI_REQUIRE_MODEL"] == "true"
+    # Through Docker's published port nginx's connections come from the network's gateway.
+    assert service["environment"]["THAI_FORWARDED_ALLOW_IPS"] == "172.31.240.1"
+    network = yaml.safe_load(result.stdout)["networks"]["app"]["ipam"]["config"][0]
+    assert network == {"subnet": "172.31.240.0/24", "gateway": "172.31.240.1"}
+    assert list(service["networks"]) == ["app"]
     assert any(v.endswith(":/cache:rw") for v in service["volumes"])  # Hugging Face cache volume
     assert any(v.endswith(":/models/adapter:ro") for v in service["volumes"])
     # every file the Dockerfile copies exists in the build context

@@ -106,9 +106,15 @@ def test_status_banner_for_each_state():
     engine.info.demo = True
     demo = status_html(engine)
     assert 'data-state="demo"' in demo and "not meaningful" in demo and "โมเดลสาธิต" in demo
+    engine.info.demo = False
+    assert "fake/base + LoRA adapter" in status_html(engine)  # a hub id is shown ...
+    engine.info.base_model, engine.info.adapter = "/srv/alice/models/base", "/srv/alice/lora"
+    assert "/srv/alice" not in status_html(engine) and "LoRA adapter" in status_html(engine)  # ... a folder never
     engine.state, engine.error = EngineState.ERROR, "no <weights>"
     error = status_html(engine)
     assert 'data-state="error"' in error and "no &lt;weights&gt;" in error
+    engine.error = "cannot load base model '/srv/alice/models/base': no file in /srv/alice/models/base"
+    assert "/srv/alice" not in status_html(engine) and "cannot load base model" in status_html(engine)
 
 
 def test_zero_gpu_hardware_is_reported_in_the_log(caplog):

@@ -3,6 +3,11 @@
 People must see at a glance whether the model is still loading, ready (which
 model, on which device), failed, or only the offline demo checkpoint, whose
 random weights produce meaningless text.
+
+The UI is public unless ``THAI_PROTECT_UI`` is set, so the banner shows what
+``/health`` shows anyone: the served model's name, device and dtype, the base
+model only when it is a hub id, whether an adapter is applied, and load errors
+with server paths removed (:mod:`api.serving`'s public view).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import html
 
 from api.engine import Engine, EngineState
+from api.serving import public_base_model, public_failure
 
 
 def status_html(engine: Engine) -> str:
@@ -26,10 +32,11 @@ def status_html(engine: Engine) -> str:
                 f"⚠ <b>โมเดลสาธิต / Demo checkpoint</b> ({name}, {where}): โมเดลจริงไม่ได้ถูกโหลด "
                 "ผลลัพธ์เป็นข้อความสุ่มที่ไม่มีความหมาย / the real model is not loaded; this tiny "
                 "random-weight model proves the path works but its output is <b>not meaningful</b>.")
-        base = html.escape(info.base_model or "")
-        adapter = f" + {html.escape(info.adapter)}" if info.adapter else ""
-        return _banner("ready", f"พร้อมใช้งาน / Ready: <b>{name}</b> ({base}{adapter}) · {where}")
-    error = html.escape(engine.error or "")
+        parts = [public_base_model(info.base_model) or "", "LoRA adapter" if info.adapter else ""]
+        model = html.escape(" + ".join(p for p in parts if p))
+        detail = f" ({model})" if model else ""
+        return _banner("ready", f"พร้อมใช้งาน / Ready: <b>{name}</b>{detail} · {where}")
+    error = html.escape(public_failure(engine) or "")
     return _banner("error", f"โมเดลใช้งานไม่ได้ / Model unavailable: {error}")
 
 

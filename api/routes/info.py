@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from api import __version__
 from api.engine import EngineState
 from api.protocol import ErrorResponse, HealthResponse, ModelCard, ModelList, ServerInfo
+from api.serving import public_base_model, public_failure
 
 router = APIRouter()
 
@@ -30,10 +31,15 @@ ENDPOINTS = {
 @router.get("/", response_model=ServerInfo, summary="Server information",
             responses={307: {"description": "Browsers are sent to the UI"}})
 async def root(request: Request):
-    """JSON for API clients; a browser (``Accept: text/html``) is redirected to the UI."""
+    """JSON for API clients; a browser (``Accept: text/html``) is redirected to the UI.
+
+    The ``Location`` is relative (``/ui/``, or ``/thai/ui/`` under a proxy's sub-path): built
+    from the Host header, a forged Host would land in the redirect (and in a cache).
+    """
     accept = request.headers.get("accept", "")
     if "text/html" in accept and getattr(request.app.state, "ui_mounted", False):
-        return RedirectResponse(url=str(request.url_for("root")) + "ui/", status_code=307)
+        root_path = (request.scope.get("root_path") or "").rstrip("/")
+        return RedirectResponse(url="/" + f"{root_path}/ui/".lstrip("/"), status_code=307)
     settings = request.app.state.settings
     return ServerInfo(name="Thai LLM API", version=__version__,
                       model=settings.model.served_model_name, endpoints=ENDPOINTS)
@@ -42,7 +48,10 @@ async def root(request: Request):
 @router.get("/health", response_model=HealthResponse, summary="Health check and model status",
             responses={503: {"model": HealthResponse, "description": "Loading or failed"}})
 async def health(request: Request):
-    """200 when the model is loaded and the engine alive, 503 while loading or after a failure."""
+    """200 when the model is loaded and the engine alive, 503 while loading or after a failure.
+
+    Open to anyone: the model's name, device and dtype, never a path on the server.
+    """
     engine = request.app.state.engine
     info = engine.info
     running, waiting = engine.stats()
@@ -50,9 +59,9 @@ async def health(request: Request):
     status = {"ready": "ok", "loading": "loading"}.get(state.value, "error")
     body = HealthResponse(
         status=status, model_loaded=state is EngineState.READY, model=info.model_name,
-        base_model=info.base_model, adapter=info.adapter, demo=info.demo, device=info.device,
-        dtype=info.dtype, memory_mb=engine.memory_mb(), uptime_s=round(time.time() - engine.started_at, 3),
-        error=engine.failure(),
+        base_model=public_base_model(info.base_model), adapter_loaded=bool(info.adapter),
+        demo=info.demo, device=info.device, dtype=info.dtype, memory_mb=engine.memory_mb(),
+        uptime_s=round(time.time() - engine.started_at, 3), error=public_failure(engine),
         requests_running=running, requests_waiting=waiting)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
@@ -62,4 +71,4 @@ async def health(request: Request):
 async def list_models(request: Request) -> ModelList:
     info = request.app.state.engine.info
     return ModelList(data=[ModelCard(id=info.model_name, created=info.created,
-                                     root=info.base_model, demo=info.demo)])
+                                     root=public_base_model(info.base_model), demo=info.demo)])
