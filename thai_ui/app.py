@@ -26,6 +26,9 @@ EXAMPLES = (("ข่าว / news", "news.txt"), ("รายงาน / report",
 LENGTHS = {"สั้น / short": 64, "กลาง / medium": 150, "ยาว / long": 300}
 CUSTOM = "กำหนดเอง / max tokens"
 STATUS_POLL_S = 2.0
+# The live counters (tokenizer + word segmentation, CPU-bound) run one at a time for all
+# visitors together, so anonymous typing can never take more than one core from generation.
+STATS_CONCURRENCY = {"concurrency_limit": 1, "concurrency_id": "text-stats"}
 DEFAULT_CHAT_SYSTEM = "คุณเป็นผู้ช่วยที่ตอบเป็นภาษาไทยอย่างสุภาพ ถูกต้อง และกระชับ"
 
 
@@ -34,7 +37,8 @@ def load_examples() -> list[tuple[str, str]]:
             for label, name in EXAMPLES]
 
 
-def build_blocks(handlers: UIHandlers, settings: ModelSettings) -> gr.Blocks:
+def build_blocks(handlers: UIHandlers, settings: ModelSettings, *,
+                 queue_max_size: int | None = None) -> gr.Blocks:
     with gr.Blocks(title="Thai LLM · สรุปความและสนทนา", analytics_enabled=False) as blocks:
         gr.Markdown("# สรุปความและสนทนาภาษาไทย · Thai summarize & chat")
         status = gr.HTML(handlers.status()[0], elem_id="model-status")
@@ -55,8 +59,10 @@ def build_blocks(handlers: UIHandlers, settings: ModelSettings) -> gr.Blocks:
             with gr.Tab("สนทนา / Chat", id="chat"):
                 _chat_tab(handlers, settings)
         blocks.load(handlers.stats_markdown, inputs=[text, max_tokens], outputs=[stats],
-                    show_progress="hidden", api_visibility="private")
-    blocks.queue(default_concurrency_limit=None)
+                    show_progress="hidden", api_visibility="private", **STATS_CONCURRENCY)
+    # Generation is governed by the engine's queue; the queue here only bounds waiting
+    # events, and api_open=False keeps queued functions off the direct /run/ route.
+    blocks.queue(default_concurrency_limit=None, max_size=queue_max_size, api_open=False)
     return blocks
 
 
@@ -98,7 +104,8 @@ def _summarize_tab(handlers: UIHandlers,
                      api_visibility="private", queue=False)
     for trigger in (text.change, max_tokens.change):
         trigger(handlers.stats_markdown, inputs=[text, max_tokens], outputs=[stats],
-                trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+                trigger_mode="always_last", show_progress="hidden", api_visibility="private",
+                **STATS_CONCURRENCY)
     button.click(handlers.summarize, inputs=[text, max_tokens, temperature],
                  outputs=[summary, usage], api_name="summarize", concurrency_limit=None)
     return text, max_tokens, stats

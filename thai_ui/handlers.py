@@ -21,7 +21,11 @@ from api.text import is_blank
 from thai_ui.chat_history import build_messages
 from thai_ui.messages import error_for, ui_error
 from thai_ui.status import status_html, status_is_final
-from thai_ui.text_stats import TextStats, count_graphemes, count_words
+from thai_ui.text_stats import TextCounter, TextStats
+
+# The longest text /v1/summarize accepts; the UI's counters stop there too.
+MAX_TEXT_CHARS: int = next(m.max_length for m in SummarizeRequest.model_fields["text"].metadata
+                           if getattr(m, "max_length", None))
 
 
 class UIHandlers:
@@ -29,6 +33,10 @@ class UIHandlers:
 
     def __init__(self, serving: Serving):
         self.serving = serving
+        self.counter = TextCounter()
+
+    def close(self) -> None:
+        self.counter.close()
 
     @property
     def engine(self):
@@ -41,17 +49,30 @@ class UIHandlers:
 
     # -------------------------------------------------------------- stats
     def text_stats(self, text: str | None, max_tokens: float | None) -> TextStats:
-        text = text or ""
+        """Counts for the summarize box; texts longer than a request may be are not counted.
+
+        Word segmentation costs about a second per 200,000 characters and grows
+        faster than linearly beyond, and this runs on every edit of a public
+        page: the bound keeps an anonymous caller's cost at what a real request
+        could cost. Events of this handler run one at a time (app.py), and long
+        texts are counted in another process (:class:`TextCounter`).
+        """
+        text = text if isinstance(text, str) else ""
+        if len(text) > MAX_TEXT_CHARS:
+            return TextStats(graphemes=0, words=0, tokens=None, token_limit=None,
+                             too_long=len(text), max_chars=MAX_TEXT_CHARS)
         tokens = limit = None
         if self.engine.ready:
-            limit = self.engine.info.max_context - int(max_tokens or self.serving.settings.max_new_tokens)
+            requested = max_tokens if isinstance(max_tokens, (int, float)) and 0 < max_tokens < 1e9 \
+                else self.serving.settings.max_new_tokens
+            limit = self.engine.info.max_context - int(requested)
             try:
                 tokens = 0 if is_blank(text) else len(
                     self.engine.encode_chat(self.serving.summary_messages(text)))
             except Exception:  # the model went away between the check and the call
                 tokens = limit = None
-        return TextStats(graphemes=count_graphemes(text), words=count_words(text),
-                         tokens=tokens, token_limit=limit)
+        graphemes, words = self.counter.count(text)
+        return TextStats(graphemes=graphemes, words=words, tokens=tokens, token_limit=limit)
 
     def stats_markdown(self, text: str | None, max_tokens: float | None) -> str:
         return self.text_stats(text, max_tokens).markdown()

@@ -6,38 +6,134 @@ that ``/ui/fonts/...`` reaches them and not Gradio. Theme, CSS and head go to
 ``root_path`` is passed: behind a proxy under a sub-path, uvicorn's root path
 (``THAI_ROOT_PATH``) is the one that works for mounted apps in this version,
 and the page itself only uses relative URLs.
+
+The UI is public, so mounting it is also where its attack surface is closed
+(Gradio 6.31; see the README's security section):
+
+- ``blocks.has_launched`` is set after mounting. Gradio's file check
+  (``processing_utils._check_allowed``) returns early, allowing *any* path,
+  while ``has_launched`` is false, and only ``Blocks.launch`` sets it;
+  ``mount_gradio_app`` never does. Without this, any event handler that takes
+  a chat history copies ``/proc/self/environ`` (API keys included) into the
+  cache for anyone who asks. This works around a Gradio bug.
+- ``blocked_paths`` name the model, the keys, the code and the system folders,
+  so even a future path check that allows a folder never serves them.
+- :class:`~thai_ui.guard.UIGuard` wraps the Gradio app: routes, callable
+  functions, files, uploads, per-client rate limit.
+- Uploads go to a per-process folder with a quota and an age limit
+  (:mod:`thai_ui.uploads`), swept every minute and deleted at exit.
+- ``show_error=False`` (Gradio would send exception text to the browser; our
+  ``gr.Error`` messages are still shown), monitoring off, the queue bounded.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import sys
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import Mount
 
 log = logging.getLogger("thai.ui")
 
 UI_PATH = "/ui"
+SWEEP_INTERVAL_S = 60.0
+SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/root", "/home", "/boot", "/run", "/var",
+               "/usr", "/opt", "/srv", "/mnt", "/media", "/snap")
 
 
 def mount_ui(app: FastAPI) -> None:
-    """Add the frame policy, the bundled fonts and the Gradio UI to ``app``."""
+    """Add the frame policy, the bundled fonts and the guarded Gradio UI to ``app``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     from thai_ui.app import build_blocks
     from thai_ui.frame_policy import FramePolicyMiddleware
+    from thai_ui.guard import FunctionPolicy, UIGuard
     from thai_ui.handlers import UIHandlers
     from thai_ui.spaces_hardware import warn_if_zero_gpu
     from thai_ui.theme import FONT_DIR, FONT_SUBPATH, build_css, build_head, build_theme
+    from thai_ui.uploads import UploadStore
 
     settings = app.state.settings
-    app.add_middleware(FramePolicyMiddleware, prefix=UI_PATH, origins=settings.server.frame_ancestors)
+    server = settings.server
+    uploads = UploadStore(server.ui_upload_dir or None, quota_bytes=server.ui_upload_quota_bytes,
+                          ttl_s=server.ui_upload_ttl_s, partial_ttl_s=3 * server.body_timeout_s)
+    uploads.prepare()  # before Gradio creates its app: it reads GRADIO_TEMP_DIR then
+
+    app.add_middleware(FramePolicyMiddleware, prefix=UI_PATH, origins=server.frame_ancestors)
     app.mount(f"{UI_PATH}/{FONT_SUBPATH}", StaticFiles(directory=FONT_DIR), name="ui-fonts")
-    blocks = build_blocks(UIHandlers(app.state.serving), settings.model)
+    handlers = UIHandlers(app.state.serving)
+    blocks = build_blocks(handlers, settings.model,
+                          queue_max_size=server.ui_queue_max_size)
     gr.mount_gradio_app(app, blocks, path=UI_PATH, theme=build_theme(), css=build_css(),
                         head=build_head(), footer_links=["api"], run_history=False,
-                        ssr_mode=False, mcp_server=False, show_error=True)
+                        ssr_mode=False, mcp_server=False, show_error=False,
+                        enable_monitoring=False, max_file_size=server.max_request_bytes,
+                        allowed_paths=[], blocked_paths=blocked_paths(settings, uploads.dir))
+    # Gradio bug (6.31): mount_gradio_app never sets has_launched, and every file path
+    # check is skipped until it is set. Nothing of the developer's own is checked after
+    # this point: the blocks' examples and defaults were processed while building.
+    blocks.has_launched = True
+
+    mount = next(r for r in app.router.routes if isinstance(r, Mount) and r.path == UI_PATH)
+    mount.app = UIGuard(mount.app, uploads=uploads, functions=FunctionPolicy(blocks),
+                        max_upload_bytes=server.max_request_bytes,
+                        per_minute=server.ui_rate_limit_per_minute, burst=server.ui_rate_limit_burst)
+    _keep_uploads_tidy(app, uploads, handlers)
     app.state.ui_mounted = True
+    app.state.ui_uploads = uploads
     warn_if_zero_gpu(log)
+
+
+def blocked_paths(settings, upload_dir: Path) -> list[str]:
+    """Folders no UI route may ever read from: system, code, model, keys (not the uploads)."""
+    model = settings.model
+    candidates = [*SYSTEM_DIRS, os.getcwd(), str(Path(__file__).resolve().parents[1]), sys.prefix,
+                  model.lora_path, model.demo_dir, settings.server.api_key_file,
+                  os.environ.get("HF_HOME", ""), str(Path.home())]
+    if os.path.exists(model.base_model):
+        candidates.append(model.base_model)
+    blocked = []
+    for candidate in candidates:
+        if not candidate:
+            continue
+        path = Path(candidate).expanduser().resolve()
+        if path == upload_dir or path in upload_dir.parents:
+            continue  # would block the uploads themselves
+        blocked.append(str(path))
+    return sorted(set(blocked))
+
+
+def _keep_uploads_tidy(app: FastAPI, uploads, handlers) -> None:
+    """Sweep expired uploads every minute while serving; at shutdown delete the folder and
+    stop the handlers' counting process."""
+    previous = app.router.lifespan_context
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                removed = await asyncio.to_thread(uploads.sweep)
+                if removed:
+                    log.info("removed %d expired upload file(s)", removed)
+            except Exception:  # pragma: no cover - keep sweeping
+                log.exception("upload sweep failed")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: FastAPI):
+        async with previous(app_) as state:
+            task = asyncio.create_task(sweep_forever())
+            try:
+                yield state
+            finally:
+                task.cancel()
+                uploads.cleanup()
+                handlers.close()
+
+    app.router.lifespan_context = lifespan

@@ -1,0 +1,481 @@
+"""The public UI attacked as an outsider would, over HTTP, against real servers.
+
+Servers run with API keys set; the UI is public on one and protected
+(``THAI_PROTECT_UI``) on the other. Every Gradio function listed in
+``/ui/config`` is called, anonymously and with a key, with file payloads that
+point at ``/etc/passwd``, ``/proc/self/environ`` (which holds the API keys) and
+the adapter's weights; then every path any answer names is fetched through
+``file=``. Also: Gradio's own routes (monitoring, profiling, proxies), CORS on
+``/ui``, uploads (no length, over the limit, over the quota, paths in answers,
+clean-up), per-client rate limits, the cost of the live counters under
+anonymous load, nesting, ``X-Forwarded-Host`` and internal error text.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import start_server
+
+KEY = "ui-attack-key-" + "0123456789abcdef"
+UI = "/ui/gradio_api"
+TARGETS = ("/etc/passwd", "/proc/self/environ")
+FILE_META = {"_type": "gradio.FileData"}
+
+
+def basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"analyst:{key}".encode()).decode()}
+
+
+@pytest.fixture(scope="module")
+def adapter_file(model_env) -> Path:
+    return Path(model_env["THAI_LORA_PATH"]) / "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def upload_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ui-uploads")
+
+
+@pytest.fixture(scope="module")
+def public_ui(model_env, tmp_path_factory, upload_root):
+    env = {**model_env, "THAI_API_KEYS": KEY, "THAI_UI_UPLOAD_DIR": str(upload_root),
+           # The enumeration below makes a few hundred calls: not what this test measures.
+           "THAI_UI_RATE_LIMIT_PER_MINUTE": "100000", "THAI_UI_RATE_LIMIT_BURST": "100000",
+           "THAI_UI_UPLOAD_QUOTA_BYTES": "300000", "THAI_MAX_REQUEST_BYTES": "200000"}
+    server = start_server(env, tmp_path_factory.mktemp("public-ui"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def protected_ui(model_env, tmp_path_factory):
+    env = {**model_env, "THAI_API_KEYS": KEY, "THAI_PROTECT_UI": "true",
+           "THAI_UI_RATE_LIMIT_PER_MINUTE": "100000", "THAI_UI_RATE_LIMIT_BURST": "100000"}
+    server = start_server(env, tmp_path_factory.mktemp("protected-ui"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def default_ui(model_env, tmp_path_factory):
+    """Default limits (the UI rate limit and the 2 MiB body limit), keys for the API only."""
+    server = start_server({**model_env, "THAI_API_KEYS": KEY}, tmp_path_factory.mktemp("default-ui"))
+    yield server
+    server.stop()
+
+
+# ------------------------------------------------------------------ helpers
+def history_with(path: str) -> list[dict]:
+    """A chat history whose first message is a file: what the ChatInterface helpers take."""
+    return [{"role": "user", "content": [{"type": "file", "file": {"path": path, "meta": FILE_META}}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+
+
+def payload_for(component: dict, path: str):
+    if component.get("type") in ("chatbot", "state", "json", "browserstate", "dataset"):
+        return history_with(path)
+    return {"path": path, "meta": FILE_META, "orig_name": "x.txt"}
+
+
+def call_function(url: str, fn: dict, data: list, headers: dict) -> str:
+    """Call one function the way the page does; the whole answer as text."""
+    session = uuid.uuid4().hex
+    body = {"fn_index": fn["id"], "data": data, "session_hash": session, "event_data": None,
+            "trigger_id": None}
+    if not fn.get("queue"):
+        r = httpx.post(f"{url}{UI}/run/predict", json=body, headers=headers, timeout=30)
+        return f"{r.status_code} {r.text}"
+    r = httpx.post(f"{url}{UI}/queue/join", json=body, headers=headers, timeout=30)
+    if r.status_code != 200:
+        return f"{r.status_code} {r.text}"
+    out = [r.text]
+    deadline = time.monotonic() + 20
+    with httpx.stream("GET", f"{url}{UI}/queue/data", params={"session_hash": session},
+                      headers=headers, timeout=20) as stream:
+        for line in stream.iter_lines():
+            out.append(line)
+            if "process_completed" in line or time.monotonic() > deadline:
+                break
+    return "\n".join(out)
+
+
+def secrets_in(text: str, adapter_head: bytes) -> list[str]:
+    found = []
+    for marker in ("root:x:0:0", "root:", "THAI_API_KEYS", KEY, "PATH=/"):
+        if marker in text:
+            found.append(marker)
+    if adapter_head.decode("latin-1") in text:
+        found.append("adapter bytes")
+    return found
+
+
+def enumerate_and_attack(server, headers: dict, adapter_file: Path) -> tuple[int, list[str]]:
+    config = httpx.get(server.url + "/ui/config", headers=headers, timeout=30).json()
+    components = {c["id"]: c for c in config["components"]}
+    functions = [d for d in config["dependencies"]]
+    assert len(functions) >= 30, "the chat tab registers its helper functions"
+    adapter_head = adapter_file.read_bytes()[8:40]
+    answers, calls = [], 0
+    for fn in functions:
+        for target in (*TARGETS, str(adapter_file)):
+            data = [payload_for(components.get(i, {}), target) for i in fn["inputs"]]
+            answers.append(call_function(server.url, fn, data, headers))
+            calls += 1
+    leaks = []
+    for answer in answers:
+        leaks += secrets_in(answer, adapter_head)
+    # Every path or file= URL any answer names, and the targets themselves, fetched.
+    named = set()
+    for answer in answers:
+        named.update(re.findall(r'"path":\s*"([^"]+)"', answer))
+        named.update(re.findall(r"file=([^\"'\s]+)", answer))
+    for path in named | {*TARGETS, str(adapter_file)}:
+        r = httpx.get(f"{server.url}{UI}/file={path}", headers=headers, timeout=30)
+        leaks += [f"{path}: {m}" for m in secrets_in(r.text, adapter_head)]
+        if path in (*TARGETS, str(adapter_file)):
+            assert r.status_code == 404, (path, r.status_code)
+    return calls, leaks
+
+
+# ------------------------------------------------------- 1. arbitrary file read
+def test_the_reported_exploit_is_refused(public_ui):
+    """The issue's exact requests: pop-last-message helper with /proc/self/environ, then file=."""
+    config = httpx.get(public_ui.url + "/ui/config").json()
+    pop = next(d for d in config["dependencies"] if d["api_name"] == "_pop_last_user_message_1")
+    r = httpx.post(f"{public_ui.url}{UI}/run/predict", json={
+        "fn_index": pop["id"], "session_hash": "abc", "data": [history_with("/proc/self/environ")]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "file_not_allowed"
+    assert "THAI_API_KEYS" not in r.text and "/tmp/" not in r.text
+    assert httpx.get(f"{public_ui.url}{UI}/file=/proc/self/environ").status_code == 404
+
+
+def test_no_function_reads_server_files_anonymously(public_ui, adapter_file):
+    calls, leaks = enumerate_and_attack(public_ui, {}, adapter_file)
+    assert calls >= 90 and leaks == []
+
+
+def test_no_function_reads_server_files_with_a_key(protected_ui, adapter_file):
+    assert httpx.get(protected_ui.url + "/ui/config").status_code == 401
+    assert httpx.post(f"{protected_ui.url}{UI}/run/predict", json={"fn_index": 0, "data": []}).status_code == 401
+    calls, leaks = enumerate_and_attack(protected_ui, basic(KEY), adapter_file)
+    assert calls >= 90 and leaks == []
+
+
+def test_gradio_file_check_itself_is_on_for_the_mounted_app():
+    """Pins the Gradio 6.31 bug our mount works around: the check is skipped until has_launched."""
+    from fastapi.testclient import TestClient
+    from starlette.routing import Mount
+
+    from api.server import create_app
+    from api.settings import Settings
+    from tests.fakes import FakeEngine
+
+    app = create_app(Settings.from_overrides({}), FakeEngine())
+    mount = next(r for r in app.router.routes if isinstance(r, Mount) and r.path == "/ui")
+    gradio_app = mount.app.app  # behind the guard: Gradio's own check must hold too
+    blocks = gradio_app.get_blocks()
+    assert blocks.has_launched is True
+    mount.app = gradio_app
+    pop = next(i for i, fn in blocks.fns.items() if fn.api_name == "_pop_last_user_message_1")
+    with TestClient(app) as client:
+        r = client.post(f"{UI}/run/predict", json={
+            "fn_index": pop, "session_hash": "s", "data": [history_with("/etc/passwd")]})
+        assert r.status_code != 200 and "root:" not in r.text
+        blocks.has_launched = False  # what gr.mount_gradio_app leaves: the hole
+        r = client.post(f"{UI}/run/predict", json={
+            "fn_index": pop, "session_hash": "s", "data": [history_with("/etc/passwd")]})
+        assert r.status_code == 200 and '"path"' in r.text, "Gradio fixed it: the workaround can go"
+
+
+def test_only_the_public_api_is_callable_by_name(public_ui):
+    for name in ("_pop_last_user_message_1", "stats_markdown", "refresh_status", "lambda"):
+        for route in ("call", "call/v2", "run", "api"):
+            r = httpx.post(f"{public_ui.url}{UI}/{route}/{name}", json={"data": []})
+            assert r.status_code == 404, (route, name, r.status_code)
+    r = httpx.post(f"{public_ui.url}{UI}/queue/join", json={"fn_index": 10_000, "data": [],
+                                                           "session_hash": "x"})
+    assert r.status_code == 404
+    # Queued functions go through the queue, never the direct route.
+    config = httpx.get(public_ui.url + "/ui/config").json()
+    summarize = next(d for d in config["dependencies"] if d["api_name"] == "summarize")
+    r = httpx.post(f"{public_ui.url}{UI}/run/predict", json={
+        "fn_index": summarize["id"], "data": ["ข่าว", 4, 0.0], "session_hash": "x"})
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/ui/monitoring", "/ui/monitoring/summary", f"{UI}/token",
+                                  f"{UI}/profiling/summary", f"{UI}/run-history/records",
+                                  f"{UI}/proxy=https://example.org/x", f"{UI}/dev/reload",
+                                  f"{UI}/vibe-code", f"{UI}/user", f"{UI}/openapi.json",
+                                  f"{UI}/file=/etc/passwd", f"{UI}/file=upload/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+                                  f"{UI}/file/etc/passwd", f"{UI}/file=https://example.org/"])
+def test_gradio_internal_routes_are_closed(public_ui, path):
+    r = httpx.get(public_ui.url + path)
+    assert r.status_code == 404 and "root:" not in r.text
+
+
+def test_remote_urls_are_never_fetched(public_ui):
+    config = httpx.get(public_ui.url + "/ui/config").json()
+    pop = next(d for d in config["dependencies"] if d["api_name"] == "_pop_last_user_message_1")
+    r = httpx.post(f"{public_ui.url}{UI}/run/predict", json={
+        "fn_index": pop["id"], "session_hash": "s", "data": [history_with("http://127.0.0.1:1/x")]})
+    assert r.status_code == 400
+
+
+# --------------------------------------------------------------------- 2. CORS
+@pytest.mark.parametrize("origin", ["https://evil.example", "null"])
+def test_ui_cors_is_off_unless_configured(public_ui, origin):
+    headers = {"Origin": origin, "Host": "thai.example.org"}
+    r = httpx.get(public_ui.url + "/ui/config", headers=headers)
+    assert "access-control-allow-origin" not in r.headers
+    assert "access-control-allow-credentials" not in r.headers
+    pre = httpx.options(f"{public_ui.url}{UI}/queue/join", headers={
+        **headers, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers
+
+
+def test_ui_cors_follows_the_setting():
+    from fastapi.testclient import TestClient
+
+    from api.server import create_app
+    from api.settings import Settings
+    from tests.fakes import FakeEngine
+
+    allowed = "https://portal.example.org"
+    app = create_app(Settings.from_overrides({"cors_origins": allowed}), FakeEngine())
+    with TestClient(app, base_url="http://thai.example.org") as client:
+        ok = client.get("/ui/config", headers={"Origin": allowed})
+        assert ok.headers["access-control-allow-origin"] == allowed
+        for origin in ("https://evil.example", "null"):
+            r = client.get("/ui/config", headers={"Origin": origin})
+            assert "access-control-allow-origin" not in r.headers
+
+
+# ------------------------------------------------------- 3. anonymous cost
+def test_ui_calls_are_rate_limited_per_client(default_ui):
+    # From its own address (127.0.0.2), so the other tests' budget is untouched.
+    client = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    statuses = []
+    for _ in range(80):
+        r = client.post(f"{default_ui.url}{UI}/run/predict", json={"fn_index": 0, "data": [],
+                                                                   "session_hash": "rl"})
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            break
+    assert statuses[0] == 200 and statuses[-1] == 429 and 61 <= len(statuses) <= 75
+    # Page loads are not calls, and other clients have their own budget.
+    assert client.get(default_ui.url + "/ui/").status_code == 200
+    assert httpx.post(f"{default_ui.url}{UI}/run/predict", json={
+        "fn_index": 0, "data": [], "session_hash": "other"}).status_code == 200
+
+
+def test_counters_under_anonymous_load_do_not_starve_generation(default_ui):
+    """Anonymous texts to the live counters, in parallel (three of the largest a request may
+    hold, three just under the 2 MiB body limit), against one authenticated chat request."""
+    public_ui = default_ui
+    config = httpx.get(public_ui.url + "/ui/config").json()
+    stats = next(d for d in config["dependencies"] if d["api_name"] == "stats_markdown")
+    chat = {"messages": [{"role": "user", "content": "สวัสดี"}], "max_tokens": 200,
+            "min_tokens": 200, "temperature": 0}
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def timed_chat() -> float:
+        started = time.perf_counter()
+        r = httpx.post(public_ui.url + "/v1/chat/completions", json=chat, headers=auth, timeout=120)
+        assert r.status_code == 200
+        return time.perf_counter() - started
+
+    timed_chat()
+    alone = min(timed_chat() for _ in range(3))
+    text = ("ภาษาไทย" * 30_000)[:199_000]  # the largest text a request may hold
+    big = ("ภาษาไทย" * 100_000)[:690_000]  # 2.07 MB of UTF-8: past it, never counted
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        attacks = [pool.submit(call_function, public_ui.url, stats, [t, 100], {})
+                   for t in (text, text, text, big, big, big)]
+        time.sleep(0.3)
+        loaded = timed_chat()
+        results = [a.result() for a in attacks]
+    print(f"\n200-token chat alone {alone:.2f}s, under 6 anonymous counter calls {loaded:.2f}s")
+    assert loaded < 3 * alone + 2.0
+    assert all("process_completed" in r and "too long" in r for r in results[3:]), results
+    assert all("process_completed" in r for r in results[:3]), [r[-300:] for r in results]
+
+
+def test_oversized_text_is_not_counted(default_ui):
+    """A text over the request limit gets a one-line answer, not seconds of segmentation."""
+    from thai_ui.handlers import MAX_TEXT_CHARS
+
+    config = httpx.get(default_ui.url + "/ui/config").json()
+    stats = next(d for d in config["dependencies"] if d["api_name"] == "stats_markdown")
+    started = time.perf_counter()
+    answer = call_function(default_ui.url, stats, ["ก" * (MAX_TEXT_CHARS + 1), 100], {})
+    assert "too long" in answer and time.perf_counter() - started < 5
+
+
+# --------------------------------------------------------------- 5. uploads
+def upload_dir_of(root: Path, server) -> Path:
+    return root / str(server.pid)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def test_uploads_need_a_length_and_fit_the_limits(public_ui, upload_root):
+    folder = upload_dir_of(upload_root, public_ui)
+    before = files_under(folder)
+
+    def chunked():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.txt\"\r\n\r\n"
+        for _ in range(40):
+            yield b"x" * 10_000
+        yield b"\r\n--b--\r\n"
+
+    r = httpx.post(f"{public_ui.url}{UI}/upload", content=chunked(),
+                   headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 411
+    r = httpx.post(f"{public_ui.url}{UI}/upload", files={"files": ("big.txt", b"x" * 250_000)})
+    assert r.status_code == 413
+    assert files_under(folder) == before, "a refused upload leaves nothing behind"
+
+
+def test_upload_answers_hide_server_paths_and_the_quota_holds(public_ui, upload_root):
+    folder = upload_dir_of(upload_root, public_ui)
+    r = httpx.post(f"{public_ui.url}{UI}/upload", files={"files": ("ข่าว.txt", "ข่าววันนี้".encode())})
+    assert r.status_code == 200
+    (token,) = r.json()
+    assert token.startswith("upload/") and str(upload_root) not in r.text and "/tmp" not in r.text
+    fetched = httpx.get(f"{public_ui.url}{UI}/file={token}",
+                        headers={"Range": "bytes=0-5", "Authorization": "Bearer leak-me",
+                                 "Cookie": "session=leak-me"})
+    assert fetched.status_code == 206
+    assert "leak-me" not in str(fetched.headers)
+    assert any(p.name == "ข่าว.txt" for p in files_under(folder))
+    # The quota (300,000 bytes here) counts what is kept.
+    statuses = [httpx.post(f"{public_ui.url}{UI}/upload",
+                           files={"files": (f"f{i}.bin", os.urandom(150_000))}).status_code
+                for i in range(3)]
+    assert statuses[0] == 200 and statuses[-1] == 507
+
+
+def test_upload_folder_is_removed_at_exit_and_stale_ones_at_start(model_env, tmp_path):
+    root = tmp_path / "uploads"
+    stale = root / "999999999"  # no such process
+    stale.mkdir(parents=True)
+    (stale / "old.txt").write_text("x")
+    server = start_server({**model_env, "THAI_UI_UPLOAD_DIR": str(root)}, tmp_path / "log")
+    try:
+        assert not stale.exists()
+        assert httpx.post(f"{server.url}{UI}/upload", files={"files": ("a.txt", b"abc")}).status_code == 200
+        assert files_under(root / str(server.pid))
+    finally:
+        assert server.stop() == 0
+    assert not (root / str(server.pid)).exists()
+
+
+def test_upload_store_expires_old_files_and_partials(tmp_path):
+    from thai_ui.uploads import UploadStore
+
+    store = UploadStore(tmp_path, quota_bytes=1000, ttl_s=100, partial_ttl_s=10)
+    store.prepare()
+    kept = store.dir / "abc" / "new.txt"
+    kept.parent.mkdir()
+    kept.write_text("new")
+    old = store.dir / "def" / "old.txt"
+    old.parent.mkdir()
+    old.write_text("old")
+    partial = store.dir / "tmpupload"
+    partial.write_bytes(b"half")
+    now = time.time()
+    os.utime(old, (now - 200, now - 200))
+    os.utime(partial, (now - 20, now - 20))
+    assert store.sweep(now) == 2
+    assert kept.exists() and not old.exists() and not partial.exists() and not old.parent.exists()
+    assert store.resolve("upload/abc/new.txt") == kept.resolve()
+    for outside in ("upload/../../etc/passwd", "/etc/passwd", "abc/new.txt", "upload/", "",
+                    str(store.dir), "upload/abc/new.txt\x00"):
+        assert store.resolve(outside) is None, outside
+    link = store.dir / "abc" / "link"
+    link.symlink_to("/etc/passwd")
+    assert store.resolve("upload/abc/link") is None
+    used = store.usage_bytes()
+    assert 3 <= used < 100 and store.has_room(1000 - used) and not store.has_room(1001 - used)
+
+
+# ------------------------------------------------------------- 6. the rest
+def test_deep_nesting_in_events_is_a_400(public_ui):
+    deep = "[" * 5000 + "]" * 5000
+    r = httpx.post(f"{public_ui.url}{UI}/queue/join", content=f'{{"fn_index": 5, "data": {deep}}}',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert "Traceback" not in public_ui.log()[-20000:]
+
+
+def test_forwarded_host_from_a_client_is_ignored(public_ui):
+    r = httpx.get(public_ui.url + "/ui/config", headers={"X-Forwarded-Host": "evil.example",
+                                                         "X-Forwarded-Proto": "https"})
+    assert "evil.example" not in r.text
+    page = httpx.get(public_ui.url + "/ui/", headers={"X-Forwarded-Host": "evil.example"})
+    assert "evil.example" not in page.text
+
+
+def test_internal_errors_show_no_exception_text(public_ui):
+    config = httpx.get(public_ui.url + "/ui/config").json()
+    length_radio = next(d for d in config["dependencies"] if d["api_name"] == "lambda")
+    r = httpx.post(f"{public_ui.url}{UI}/run/predict", json={
+        "fn_index": length_radio["id"], "data": [{"not": "hashable"}, 3], "session_hash": "e"})
+    assert r.status_code >= 400
+    assert "unhashable" not in r.text and "Traceback" not in r.text
+
+
+def test_anonymous_pages_name_no_server_path(public_ui, model_env):
+    texts = [httpx.get(public_ui.url + path).text for path in ("/ui/", "/ui/config", "/health")]
+    for text in texts:
+        for secret in (model_env["THAI_LORA_PATH"], model_env["THAI_BASE_MODEL"], "/tmp/"):
+            assert secret not in text
+    assert "thai-qwen-lora" in texts[1]
+
+
+def test_streamed_results_name_uploads_by_token_even_when_split(tmp_path):
+    """Event results (and the queue's SSE) are rewritten as they stream, across chunk edges."""
+    import asyncio
+
+    from thai_ui.guard import UIGuard
+    from thai_ui.uploads import UploadStore
+
+    store = UploadStore(tmp_path, quota_bytes=1000, ttl_s=100)
+    store.prepare()
+    guard = UIGuard(None, uploads=store, functions=None, max_upload_bytes=10, per_minute=0, burst=1)
+    path = f'data: {{"path": "{store.dir}/abc/x.txt"}}\n\n'.encode()
+    cut = path.index(b"/abc") - 5  # inside the folder's path
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        rewriting = guard._hiding_paths(send)
+        await rewriting({"type": "http.response.start", "status": 200,
+                         "headers": [(b"content-length", b"99")]})
+        await rewriting({"type": "http.response.body", "body": path[:cut], "more_body": True})
+        await rewriting({"type": "http.response.body", "body": path[cut:], "more_body": True})
+        await rewriting({"type": "http.response.body", "body": b"", "more_body": False})
+
+    asyncio.run(run())
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert body == b'data: {"path": "upload/abc/x.txt"}\n\n'
+    assert all(k != b"content-length" for k, _ in sent[0]["headers"])
