@@ -252,6 +252,8 @@ class HealthResponse(BaseModel):
     demo: bool = False
     device: str | None = None
     dtype: str | None = None
+    dtype_reason: str | None = Field(None, description="Why this dtype: set by THAI_DTYPE, or "
+                                     "what auto found (e.g. native bf16 on this CPU).")
     memory_mb: float | None = Field(None, description="Model memory (GPU when on GPU, else process RSS).")
     uptime_s: float
     error: str | None = Field(None, description="Why the model cannot serve (server paths removed).")

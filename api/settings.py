@@ -104,6 +104,12 @@ class ModelSettings(BaseSettings):
         True, description="Reuse the KV of a prompt prefix recent prompts shared (system prompt, "
         "summary instruction) instead of prefilling it again.",
     )
+    num_threads: int = Field(
+        0, ge=0, le=1024,
+        description="CPU threads for the model's matrix work (torch intra-op threads, set in the "
+        "engine's worker). 0 picks the measured default: every core, on a CPU; 1 thread "
+        "beside a GPU, which does the work.",
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="Deadline for one generation, queue time included."
     )

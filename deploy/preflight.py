@@ -137,7 +137,11 @@ def weight_format(model: ModelSettings, device: str) -> str:
         return model.quantization
     if model.dtype != "auto":
         return model.dtype
-    return "bfloat16" if device == "cuda" else "float32"
+    if device == "cuda":
+        return "bfloat16"
+    from api.engine.loader import cpu_bf16_flags  # auto picks bf16 on CPUs with native bf16
+
+    return "bfloat16" if cpu_bf16_flags() else "float32"
 
 
 def memory_verdict(parameters: int, fmt: str, free_bytes: int, total_bytes: int, where: str) -> Check:

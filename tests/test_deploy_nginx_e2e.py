@@ -101,6 +101,9 @@ def test_http_redirects_to_https(proxied):
 
 def test_chat_stream_arrives_in_pieces_through_the_proxy(proxied, client, results):
     tokens = 48
+    # Warm up first (TLS session, the model's first forward): the measured stream's first
+    # piece then shows what buffering would do, not one-off start-up costs.
+    stream_arrivals(client, proxied.base + "/v1/chat/completions", 2)
     via = stream_arrivals(client, proxied.base + "/v1/chat/completions", tokens)
     assert via["events"][-1] == "data: [DONE]"
     content_events = [e for e in via["events"] if '"content"' in e]

@@ -52,3 +52,56 @@ def test_gpu_only_options_fail_clearly_on_cpu(overrides, needle, demo_checkpoint
     with pytest.raises(ModelLoadError) as info:
         load_model_bundle(ModelSettings(base_model=str(base), lora_path=str(lora), **overrides))
     assert needle in str(info.value)
+
+
+AVX512_BF16_CPU = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_bf16 amx_tile\n"
+PLAIN_CPU = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_native_bf16():
+    import torch
+
+    from api.engine.loader import cpu_bf16_flags, resolve_dtype
+
+    assert cpu_bf16_flags(AVX512_BF16_CPU) == ["avx512_bf16"]
+    assert cpu_bf16_flags(PLAIN_CPU) == [] and cpu_bf16_flags("") == []
+    dtype, reason = resolve_dtype("auto", "cpu", cpuinfo=PLAIN_CPU)
+    assert dtype is torch.float32 and "no native bf16" in reason
+    dtype, reason = resolve_dtype("auto", "cpu", cpuinfo=AVX512_BF16_CPU)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # torch's oneDNN has bf16 kernels here
+        assert dtype is torch.bfloat16 and "avx512_bf16" in reason
+    else:
+        assert dtype is torch.float32
+    dtype, reason = resolve_dtype("float32", "cpu", cpuinfo=AVX512_BF16_CPU)
+    assert dtype is torch.float32 and reason == "float32: set by THAI_DTYPE"
+
+
+def test_auto_dtype_and_threads_load_the_model_and_say_why(demo_checkpoint):
+    """The small-shape model through the real loader and engine with dtype auto."""
+    import asyncio
+
+    from api.engine import GenerationRequest, SamplingParams
+    from api.engine.loader import resolve_dtype
+    from api.engine.transformers_engine import TransformersEngine
+
+    base, lora = demo_checkpoint
+    expected, reason = resolve_dtype("auto", "cpu")
+    settings = ModelSettings(base_model=str(base), lora_path=str(lora), require_model=True,
+                             device="cpu", dtype="auto", num_threads=1)
+
+    async def run():
+        engine = TransformersEngine(settings)
+        await engine.start()
+        await engine.wait_ready()
+        try:
+            assert engine.info.dtype == str(expected).replace("torch.", "")
+            assert engine.info.dtype_reason == reason
+            prompt = engine.encode_chat([{"role": "user", "content": "สวัสดี"}])
+            request = GenerationRequest(prompt, SamplingParams(
+                max_tokens=4, min_tokens=4, temperature=0.0, ignore_eos=True))
+            chunks = [c async for c in engine.generate(request)]
+            assert chunks[-1].finished and chunks[-1].completion_tokens == 4
+        finally:
+            await engine.stop()
+
+    asyncio.run(run())

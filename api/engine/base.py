@@ -34,6 +34,7 @@ class EngineInfo:
     demo: bool = False
     device: str | None = None
     dtype: str | None = None
+    dtype_reason: str | None = None  # why this dtype (auto picks by hardware)
     max_context: int = 4096
     max_batch_size: int = 1
     created: int = field(default_factory=lambda: int(time.time()))

@@ -39,6 +39,7 @@ class ModelBundle:
     tokenizer: Any
     device: str
     dtype: str
+    dtype_reason: str
     source: ModelSource
     eos_token_ids: tuple[int, ...]
     max_context: int
@@ -126,14 +127,46 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def resolve_dtype(requested: str, device: str):
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The native bfloat16 instruction sets this CPU reports (Linux /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return []
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def resolve_dtype(requested: str, device: str, cpuinfo: str | None = None):
+    """The weights' dtype and why it was chosen (shown in /health and the UI banner).
+
+    On a CPU, ``auto`` is bfloat16 only where the CPU computes it natively (AVX512-BF16
+    or AMX) and torch's oneDNN has bf16 kernels: there it halves the bytes read per
+    token and runs the matrix products in bf16 (measured on a 2-core AVX512-BF16 box
+    with the 1.5B shape: decode 2.3 -> 3.5 tok/s, prefill of 785 tokens 15.7 -> 4.3 s).
+    Elsewhere bf16 is emulated and slower than float32, so float32 stays.
+    """
     import torch
 
-    if requested == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, requested)
+    if requested != "auto":
+        return getattr(torch, requested), f"{requested}: set by THAI_DTYPE"
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bfloat16: the GPU supports it"
+        return torch.float16, "float16: the GPU has no bfloat16"
+    flags = cpu_bf16_flags(cpuinfo)
+    mkldnn_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    if flags and mkldnn_bf16:
+        return torch.bfloat16, f"bfloat16: this CPU has native bf16 ({', '.join(flags)})"
+    return torch.float32, "float32: this CPU has no native bf16 (AVX512-BF16 or AMX)"
 
 
 def load_model_bundle(settings: ModelSettings) -> ModelBundle:
@@ -144,7 +177,8 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     if settings.quantization != "none" and device != "cuda":
         raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} needs a CUDA GPU "
                              "(bitsandbytes); use THAI_QUANTIZATION=none on CPU")
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype, dtype_reason = resolve_dtype(settings.dtype, device)
+    log.info("weights dtype %s", dtype_reason)
     source = locate_model(settings)
 
     tok_dir = source.adapter if source.adapter and all(
@@ -191,6 +225,7 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         tokenizer=tokenizer,
         device=device,
         dtype=str(dtype).replace("torch.", ""),
+        dtype_reason=dtype_reason,
         source=source,
         eos_token_ids=tuple(sorted(eos)),
         max_context=max_context,

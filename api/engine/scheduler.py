@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -69,8 +70,10 @@ class Sequence:
 
 class BatchScheduler:
     def __init__(self, bundle: ModelBundle, *, max_batch_size: int, max_waiting: int,
-                 request_timeout_s: float, metrics: EngineMetrics, prefix_caching: bool = True):
+                 request_timeout_s: float, metrics: EngineMetrics, prefix_caching: bool = True,
+                 num_threads: int = 0):
         self.bundle = bundle
+        self.num_threads = num_threads
         self.model = bundle.model
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
@@ -144,7 +147,19 @@ class BatchScheduler:
             self._lock.notify_all()
 
     # ----------------------------------------------------------- the loop
+    def _set_threads(self) -> None:
+        """Intra-op threads for this worker's forward passes (OpenMP's count is per thread,
+        so it is set here, in the thread that runs the model, not at import)."""
+        threads = self.num_threads
+        if not threads and os.environ.get("OMP_NUM_THREADS"):
+            threads = torch.get_num_threads()  # the operator's OpenMP setting stands
+        elif not threads:
+            threads = len(os.sched_getaffinity(0)) if self.device.type == "cpu" else 1
+        torch.set_num_threads(threads)
+        log.info("engine worker uses %d intra-op thread(s)", torch.get_num_threads())
+
     def _run(self) -> None:
+        self._set_threads()
         try:
             while True:
                 with self._lock:

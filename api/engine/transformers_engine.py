@@ -60,12 +60,13 @@ class TransformersEngine(Engine):
         self.info.demo = bundle.source.demo
         self.info.device = bundle.device
         self.info.dtype = bundle.dtype
+        self.info.dtype_reason = bundle.dtype_reason
         self.info.max_context = bundle.max_context
         self.scheduler = BatchScheduler(
             bundle, max_batch_size=self.settings.max_batch_size,
             max_waiting=self.settings.max_waiting,
             request_timeout_s=self.settings.request_timeout_s, metrics=self.metrics,
-            prefix_caching=self.settings.prefix_caching)
+            prefix_caching=self.settings.prefix_caching, num_threads=self.settings.num_threads)
         self.scheduler.start()
         self.state = EngineState.READY
         log.info("model ready in %.1fs: base=%s adapter=%s device=%s dtype=%s%s",

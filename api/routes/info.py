@@ -60,7 +60,8 @@ async def health(request: Request):
     body = HealthResponse(
         status=status, model_loaded=state is EngineState.READY, model=info.model_name,
         base_model=public_base_model(info.base_model), adapter_loaded=bool(info.adapter),
-        demo=info.demo, device=info.device, dtype=info.dtype, memory_mb=engine.memory_mb(),
+        demo=info.demo, device=info.device, dtype=info.dtype,
+        dtype_reason=info.dtype_reason, memory_mb=engine.memory_mb(),
         uptime_s=round(time.time() - engine.started_at, 3), error=public_failure(engine),
         requests_running=running, requests_waiting=waiting)
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
