@@ -25,7 +25,8 @@ def status_html(engine: Engine) -> str:
     if state is EngineState.LOADING:
         return _banner("loading", f"กำลังโหลดโมเดล <b>{name}</b>… / Loading the model…")
     if state is EngineState.READY:
-        where = html.escape(" · ".join(x for x in (info.device, info.dtype) if x))
+        # Which dtype and why ("bfloat16: this CPU has native bf16 (avx512_bf16)").
+        where = html.escape(" · ".join(x for x in (info.device, info.dtype_reason or info.dtype) if x))
         if info.demo:
             return _banner(
                 "demo",
