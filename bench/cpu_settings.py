@@ -34,6 +34,7 @@ CONFIGS = {
     "float32-threads-all": {"THAI_DTYPE": "float32"},
     "auto-threads-all": {"THAI_DTYPE": "auto"},
     "auto-threads-1": {"THAI_DTYPE": "auto", "THAI_NUM_THREADS": "1"},
+    "auto-int8": {"THAI_DTYPE": "auto", "THAI_QUANTIZATION": "int8"},
 }
 
 

@@ -22,7 +22,8 @@ from api.settings import ModelSettings, ServerSettings
 GIB = 1024**3
 OVERHEAD = 1.2  # activations, KV cache of a small batch, allocator slack
 CUDA_CONTEXT_BYTES = GIB // 2
-BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "8bit": 1.0, "4bit": 0.5}
+BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "8bit": 1.0, "4bit": 0.5,
+                   "int8": 1.0}
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,10 @@ def check_memory(model: ModelSettings) -> list[Check]:
         return [Check("device", "fail", "THAI_DEVICE=cuda but no CUDA device is visible to torch: install "
                       "the CUDA build of torch (see README) or use THAI_DEVICE=cpu")]
     device = "cuda" if cuda and model.device != "cpu" else "cpu"
-    if model.quantization != "none" and device != "cuda":
+    if model.quantization == "int8" and device != "cpu":
+        return [Check("device", "fail", "THAI_QUANTIZATION=int8 is weight-only int8 for the CPU; "
+                      "on a GPU use 8bit, 4bit or none")]
+    if model.quantization in ("8bit", "4bit") and device != "cuda":
         return [Check("device", "fail", f"THAI_QUANTIZATION={model.quantization} needs a CUDA GPU; "
                       "use THAI_QUANTIZATION=none on CPU")]
     if device == "cpu":

@@ -105,3 +105,49 @@ def test_auto_dtype_and_threads_load_the_model_and_say_why(demo_checkpoint):
             await engine.stop()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_weights_on_the_cpu_barely_move_the_predictions(demo_checkpoint, dtype):
+    """The small-shape checkpoint through the real loader with THAI_QUANTIZATION=int8."""
+    import torch
+
+    from api.engine.quantize import Int8Linear
+    from bench.quant_quality import kl_stats
+
+    base, lora = demo_checkpoint
+    bundle = load_model_bundle(ModelSettings(base_model=str(base), lora_path=str(lora), device="cpu",
+                                             dtype=dtype, quantization="int8", require_model=True))
+    linears = [m for m in bundle.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [] and any(isinstance(m, Int8Linear) for m in bundle.model.modules())
+    assert "int8 weights" in bundle.dtype_reason
+    stats = kl_stats(str(base), str(lora), dtype, max_tokens=300)
+    assert stats["kl_mean"] < 0.01 and stats["top1_agreement"] > 0.9, stats
+
+
+def test_int8_needs_the_cpu_and_a_merged_adapter(demo_checkpoint):
+    base, lora = demo_checkpoint
+    with pytest.raises(ModelLoadError, match="needs THAI_MERGE_LORA=true"):
+        load_model_bundle(ModelSettings(base_model=str(base), lora_path=str(lora), device="cpu",
+                                        quantization="int8", merge_lora=False, require_model=True))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_int8_linear_decode_and_prefill_paths_agree(dtype_name):
+    import torch
+
+    from api.engine.quantize import DEQUANTIZE_ROWS, Int8Linear
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    linear = torch.nn.Linear(64, 48, bias=True).to(dtype)
+    quantized = Int8Linear.from_linear(linear, dtype)
+    x = torch.randn(2, DEQUANTIZE_ROWS + 5, 64, dtype=dtype)
+    with torch.inference_mode():
+        reference = linear(x).float()
+        prefill = quantized(x).float()  # more rows than DEQUANTIZE_ROWS: dequantized matmul
+        decode = torch.cat([quantized(x[:, i:i + 1]) for i in range(x.shape[1])], 1).float()
+    assert prefill.shape == reference.shape == decode.shape
+    scale = reference.abs().max().item()
+    assert (prefill - reference).abs().max().item() < 0.05 * scale
+    assert (decode - prefill).abs().max().item() < 0.02 * scale

@@ -174,9 +174,17 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(settings.device)
-    if settings.quantization != "none" and device != "cuda":
+    bitsandbytes = settings.quantization in ("8bit", "4bit")
+    int8 = settings.quantization == "int8"
+    if bitsandbytes and device != "cuda":
         raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} needs a CUDA GPU "
-                             "(bitsandbytes); use THAI_QUANTIZATION=none on CPU")
+                             "(bitsandbytes); on a CPU use THAI_QUANTIZATION=int8 or none")
+    if int8 and device != "cpu":
+        raise ModelLoadError("THAI_QUANTIZATION=int8 is the CPU's weight-only int8; on a GPU use "
+                             "8bit or 4bit (bitsandbytes) or none")
+    if int8 and settings.lora_path and not settings.merge_lora:
+        raise ModelLoadError("THAI_QUANTIZATION=int8 quantizes the merged model: it needs "
+                             "THAI_MERGE_LORA=true")
     dtype, dtype_reason = resolve_dtype(settings.dtype, device)
     log.info("weights dtype %s", dtype_reason)
     source = locate_model(settings)
@@ -186,7 +194,7 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
 
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if settings.quantization != "none":
+    if bitsandbytes:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -200,15 +208,21 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         model = AutoModelForCausalLM.from_pretrained(source.base_model, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"cannot load base model {source.base_model!r}: {exc}") from exc
-    if settings.quantization == "none":
+    if not bitsandbytes:
         model = model.to(device)
     if source.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source.adapter)
-        if settings.merge_lora and settings.quantization == "none":
+        if settings.merge_lora and not bitsandbytes:
             model = model.merge_and_unload()
     model.eval()
+    if int8:
+        from api.engine.quantize import quantize_int8
+
+        layers = quantize_int8(model, dtype)
+        dtype_reason += f"; {layers} linear layers with int8 weights (THAI_QUANTIZATION=int8)"
+        log.info("quantized %d linear layers to int8 weights", layers)
 
     eos: set[int] = set()
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
