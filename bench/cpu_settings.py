@@ -5,7 +5,7 @@ real-shape one from ``bench.random_model``), measured through HTTP the way a
 user meets it:
 
 - **long prompt, one stream**: a summary-sized Thai prompt (the bundled long
-  article, about 785 tokens with the demo tokenizer), ``--tokens`` output tokens:
+  article cut to ``--prompt-tokens``, 785 by default), ``--tokens`` output tokens:
   time to first token (prefill) and the decode rate after it;
 - **concurrency N**: ``--concurrency`` streams of short Thai prompts at once,
   aggregate output tokens per second.
@@ -38,8 +38,22 @@ CONFIGS = {
 }
 
 
-async def measure(url: str, tokens: int, concurrency: int, requests: int) -> dict:
+def long_prompt(model: str, prompt_tokens: int) -> str:
+    """The bundled long article, cut to about ``prompt_tokens`` tokens (0: all of it)."""
     article = (REPO / "assets" / "examples" / "long_article.txt").read_text(encoding="utf-8")
+    if not prompt_tokens:
+        return article
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=True,
+                                          add_generation_prompt=True)
+    template = len(empty["input_ids"] if hasattr(empty, "keys") else empty)
+    ids = tokenizer(article)["input_ids"][: max(1, prompt_tokens - template)]
+    return tokenizer.decode(ids)
+
+
+async def measure(url: str, article: str, tokens: int, concurrency: int, requests: int) -> dict:
     body = {"model": "bench", "messages": [{"role": "user", "content": article}],
             "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": 0.0,
             "no_repeat_ngram_size": 0, "stream": True, "stream_options": {"include_usage": True}}
@@ -66,18 +80,22 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (e.g. the 1.5B real shape)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="subset, comma separated")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=785,
+                        help="cut the long prompt to about this many tokens (0: the whole article)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--out", default=str(REPO / "bench" / "out"))
     args = parser.parse_args()
 
+    article = long_prompt(args.model, args.prompt_tokens)
     results = {}
     for name in args.configs.split(","):
         with ServerPool(Path(args.out) / "cpu-settings") as pool:
             server = pool.start_ours(args.model, dtype=CONFIGS[name].get("THAI_DTYPE", "auto"),
                                      extra_env={**CONFIGS[name], "THAI_LOG_LEVEL": "info"})
             health = httpx.get(server.url + "/health").json()
-            result = asyncio.run(measure(server.url, args.tokens, args.concurrency, args.requests))
+            result = asyncio.run(measure(server.url, article, args.tokens, args.concurrency,
+                                         args.requests))
             result.update(dtype=health["dtype"], dtype_reason=health.get("dtype_reason"),
                           ready_s=round(server.ready_s, 1))
             results[name] = result
