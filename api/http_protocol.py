@@ -33,11 +33,11 @@ import logging
 
 import httptools
 from fastapi import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api.errors import APIError, error_body
+from api.middleware import run_with_guarded_receive
 
 log = logging.getLogger("thai.http")
 
@@ -351,7 +351,6 @@ class BodyTimeoutMiddleware:
         loop = asyncio.get_running_loop()
         body_done = False
         deadline: float | None = None
-        started = False
 
         async def timed_receive() -> Message:
             nonlocal body_done, deadline
@@ -373,19 +372,7 @@ class BodyTimeoutMiddleware:
                 body_done = True
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, timed_receive, tracking_send)
-        except BodyTimeout as exc:  # raised where no exception handler answered it
-            if started:
-                raise
-            body = error_body(408, exc.detail, "invalid_request_error", None, "body_timeout")
-            await JSONResponse(body, status_code=408, headers={"Connection": "close"})(
-                scope, receive, send)
+        await run_with_guarded_receive(self.app, scope, receive, send, timed_receive, BodyTimeout)
 
     def _total_message(self) -> str:
         return (f"Request body was not received within {self.total_s:g} seconds "

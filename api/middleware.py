@@ -144,7 +144,8 @@ def install_log_sanitizer(handlers: list[logging.Handler]) -> None:
             handler.addFilter(SafeLogFilter())
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def request_header(scope: Scope, name: bytes) -> bytes | None:
+    """The value of the request's first ``name`` header (lower-case bytes), if any."""
     for key, value in scope.get("headers", []):
         if key.lower() == name:
             return value
@@ -167,7 +168,7 @@ class RequestIdMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        given = (_header(scope, b"x-request-id") or b"").decode("latin-1")
+        given = (request_header(scope, b"x-request-id") or b"").decode("latin-1")
         request_id = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = current_request_id.set(request_id)
@@ -235,17 +236,16 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
+        declared = request_header(scope, b"content-length")
         if declared is not None:
             try:
                 too_large = int(declared) > self.max_bytes
             except ValueError:
                 too_large = False  # the server rejects a malformed Content-Length itself
             if too_large:
-                await self._reject(scope, receive, send)
+                await receive_error_response(RequestTooLarge(self.max_bytes))(scope, receive, send)
                 return
         received = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -256,22 +256,38 @@ class BodyLimitMiddleware:
                     raise RequestTooLarge(self.max_bytes)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        await run_with_guarded_receive(self.app, scope, receive, send, counting_receive,
+                                       RequestTooLarge)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except RequestTooLarge:  # a route that read the body outside FastAPI's handling
-            if started:
-                raise
-            await self._reject(scope, receive, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = RequestTooLarge(self.max_bytes)
-        body = error_body(413, error.detail, "invalid_request_error", None, "request_too_large")
-        await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+def receive_error_response(exc: HTTPException) -> JSONResponse:
+    """The answer to an error raised while reading a body (too large, too slow): its status
+    and ``code`` in the error envelope, and ``Connection: close`` (the rest is never read)."""
+    body = error_body(exc.status_code, exc.detail, "invalid_request_error", None, exc.code)
+    return JSONResponse(body, status_code=exc.status_code, headers={"Connection": "close"})
+
+
+async def run_with_guarded_receive(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
+                                   guarded_receive: Receive,
+                                   error_type: type[HTTPException]) -> None:
+    """Run ``app`` reading its body through ``guarded_receive``, which raises ``error_type``.
+
+    FastAPI answers what its own body parsing raises; one that escapes (a route that read
+    the body itself, a mounted app) is answered here, unless the response has started.
+    """
+    started = False
+
+    async def tracking_send(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, guarded_receive, tracking_send)
+    except error_type as exc:
+        if started:
+            raise
+        await receive_error_response(exc)(scope, receive, send)
 
 
 class PromptLogMiddleware:

@@ -459,7 +459,7 @@ def test_streamed_results_name_uploads_by_token_even_when_split(tmp_path):
 
     store = UploadStore(tmp_path, quota_bytes=1000, ttl_s=100)
     store.prepare()
-    guard = UIGuard(None, uploads=store, functions=None, max_upload_bytes=10, per_minute=0, burst=1)
+    guard = UIGuard(None, uploads=store, functions=None, per_minute=0, burst=1)
     path = f'data: {{"path": "{store.dir}/abc/x.txt"}}\n\n'.encode()
     cut = path.index(b"/abc") - 5  # inside the folder's path
     sent: list[dict] = []

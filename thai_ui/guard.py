@@ -21,8 +21,8 @@ Gradio and closes it in one place:
   *request's* headers, ``Authorization`` and ``Cookie`` included, into the
   response).
 - **Uploads**: ``Content-Length`` is required (411) and checked against the
-  size limit (413) and the quota (507) before a byte is written; the paths
-  Gradio answers with are rewritten to tokens.
+  quota (507) before a byte is written (the app's body limit has already
+  answered 413 from it); the paths Gradio answers with are rewritten to tokens.
 - **Cost**: every call (a POST) takes a token from the caller's bucket
   (per address, or per key when the UI is protected); an empty bucket is 429.
   Event payloads are parsed here with a depth limit, so a deeply nested body
@@ -43,6 +43,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
+from api.middleware import request_header
 from api.security import TokenBuckets, client_identity, route_path
 from thai_ui.uploads import TOKEN_PREFIX, UploadStore
 
@@ -109,11 +110,10 @@ class FunctionPolicy:
 
 class UIGuard:
     def __init__(self, app: ASGIApp, *, uploads: UploadStore, functions: FunctionPolicy,
-                 max_upload_bytes: int, per_minute: int, burst: int):
+                 per_minute: int, burst: int):
         self.app = app
         self.uploads = uploads
         self.functions = functions
-        self.max_upload_bytes = max_upload_bytes
         self.buckets = TokenBuckets(per_minute, burst) if per_minute > 0 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -249,17 +249,15 @@ class UIGuard:
 
     # -------------------------------------------------------------- uploads
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
-        declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), None)
+        # Over THAI_MAX_REQUEST_BYTES it never gets here: BodyLimitMiddleware (outside the
+        # mount) answers 413 from the Content-Length before anything reads the body.
+        declared = request_header(scope, b"content-length")
         try:
             length = int(declared) if declared is not None else None
         except ValueError:
             length = None
         if length is None or length < 0:
             raise RefusedRequest(411, "Uploads need a Content-Length header.", "length_required")
-        if length > self.max_upload_bytes:
-            raise RefusedRequest(413, f"The upload is larger than this server's limit of "
-                                 f"{self.max_upload_bytes} bytes.", "request_too_large",
-                                 {"Connection": "close"})
         if not self.uploads.has_room(length):
             raise RefusedRequest(507, "The server's upload storage is full; try again later.",
                                  "upload_quota_exceeded", {"Retry-After": "60"})

@@ -83,7 +83,6 @@ def mount_ui(app: FastAPI) -> None:
 
     mount = next(r for r in app.router.routes if isinstance(r, Mount) and r.path == UI_PATH)
     mount.app = UIGuard(mount.app, uploads=uploads, functions=FunctionPolicy(blocks),
-                        max_upload_bytes=server.max_request_bytes,
                         per_minute=server.ui_rate_limit_per_minute, burst=server.ui_rate_limit_burst)
     _keep_uploads_tidy(app, uploads, handlers)
     app.state.ui_mounted = True
