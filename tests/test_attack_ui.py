@@ -220,7 +220,8 @@ def test_only_the_public_api_is_callable_by_name(public_ui):
                                   f"{UI}/proxy=https://example.org/x", f"{UI}/dev/reload",
                                   f"{UI}/vibe-code", f"{UI}/user", f"{UI}/openapi.json",
                                   f"{UI}/file=/etc/passwd", f"{UI}/file=upload/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
-                                  f"{UI}/file/etc/passwd", f"{UI}/file=https://example.org/"])
+                                  f"{UI}/file/etc/passwd", f"{UI}/file=https://example.org/",
+                                  f"{UI}/file=upload/" + "a" * 5000])
 def test_gradio_internal_routes_are_closed(public_ui, path):
     r = httpx.get(public_ui.url + path)
     assert r.status_code == 404 and "root:" not in r.text
@@ -407,7 +408,8 @@ def test_upload_store_expires_old_files_and_partials(tmp_path):
     assert kept.exists() and not old.exists() and not partial.exists() and not old.parent.exists()
     assert store.resolve("upload/abc/new.txt") == kept.resolve()
     for outside in ("upload/../../etc/passwd", "/etc/passwd", "abc/new.txt", "upload/", "",
-                    str(store.dir), "upload/abc/new.txt\x00"):
+                    str(store.dir), "upload/abc/new.txt\x00", "upload/abc", "upload/" + "a" * 5000,
+                    None, 42):
         assert store.resolve(outside) is None, outside
     link = store.dir / "abc" / "link"
     link.symlink_to("/etc/passwd")

@@ -219,8 +219,8 @@ class UIGuard:
             return value
         mapped = {key: self._map_files(item) for key, item in value.items()}
         if "path" in mapped and mapped["path"] is not None:
-            resolved = self.uploads.resolve(mapped["path"]) if isinstance(mapped["path"], str) else None
-            if resolved is None or not resolved.is_file():
+            resolved = self.uploads.resolve(mapped["path"])
+            if resolved is None:
                 raise RefusedRequest(400, "Files can only be given by uploading them first "
                                      "(POST /ui/gradio_api/upload).", "file_not_allowed")
             mapped["path"] = str(resolved)
@@ -230,7 +230,7 @@ class UIGuard:
     # ---------------------------------------------------------------- files
     async def _file(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         resolved = self.uploads.resolve(path[len(f"{API}/file="):])
-        if resolved is None or not resolved.is_file():
+        if resolved is None:
             raise RefusedRequest(404, "Not found.", "not_found")
         prefix = scope["path"][: len(scope["path"]) - len(path)]
         target = f"{prefix}{API}/file={resolved}"

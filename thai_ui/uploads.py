@@ -70,10 +70,12 @@ class UploadStore:
 
     # --------------------------------------------------------------- paths
     def resolve(self, value: str) -> Path | None:
-        """The file a client means by ``value`` (a token or an absolute path), if it is ours.
+        """The uploaded file a client means by ``value`` (a token or an absolute path): an
+        existing regular file inside this process's folder, else None.
 
         Symbolic links and ``..`` are resolved first, so nothing outside the
-        folder can be reached through them.
+        folder can be reached through them; a name the file system refuses (too
+        long, say) is no file either.
         """
         if not isinstance(value, str) or not value or "\x00" in value:
             return None
@@ -85,9 +87,9 @@ class UploadStore:
             return None
         try:
             resolved = Path(os.path.realpath(candidate))
+            if self.dir not in resolved.parents or not resolved.is_file():
+                return None
         except (OSError, ValueError):
-            return None
-        if resolved == self.dir or self.dir not in resolved.parents:
             return None
         return resolved
 
