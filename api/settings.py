@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -114,6 +115,79 @@ class ModelSettings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="Deadline for one generation, queue time included."
     )
+    summary_chunk_tokens: int = Field(
+        1024, ge=64, le=32768,
+        description="Longest piece of a text, in tokens, that one summarization call reads: a "
+        "longer text (or one that does not fit the context window) is split on Thai sentence "
+        "boundaries, the pieces summarized concurrently and the summaries summarized again.",
+    )
+    summary_max_chunks: int = Field(
+        256, ge=1, le=10000,
+        description="Most pieces one long-text summary may be split into (all rounds together); "
+        "a longer text gets HTTP 400 naming this limit.",
+    )
+
+    # ----- where the model runs: in this process, or on OpenAI-compatible upstream servers
+    engine: Literal["local", "openai"] = Field(
+        "local", description="local: load the model in this process (transformers, continuous "
+        "batching); openai: send generations to THAI_UPSTREAM_URLS (vLLM, SGLang, TGI, "
+        "llama.cpp's server or replicas of this app) and load only the tokenizer here.",
+    )
+    upstream_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated base URLs of the upstream servers for THAI_ENGINE=openai, "
+        "e.g. http://gpu1:8000,http://gpu2:8000 (a trailing /v1 is accepted).",
+    )
+    upstream_api_key: str = Field(
+        "", description="Bearer key sent to the upstream servers (vLLM's --api-key); empty for none.",
+    )
+    upstream_model: str = Field(
+        "", max_length=256,
+        description="Model name the upstream serves (vLLM's --lora-modules name); empty: the "
+        "served model name (THAI_SERVED_MODEL_NAME).",
+    )
+    tokenizer: str = Field(
+        "", description="Tokenizer for THAI_ENGINE=openai (counting, context checks, chunking): a "
+        "folder or hub id; empty: the adapter's folder when it has one, else the base model.",
+    )
+    upstream_health_path: str = Field(
+        "/health", pattern=r"^/[A-Za-z0-9._~/-]*$",
+        description="Path each upstream is probed on (vLLM, SGLang, TGI and this app answer "
+        "/health; /v1/models works on any OpenAI-compatible server).",
+    )
+    upstream_health_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="Seconds between health probes of each upstream.",
+    )
+    upstream_connect_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Seconds to wait for a connection to an upstream.",
+    )
+
+    @field_validator("upstream_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("upstream_urls")
+    @classmethod
+    def _urls_are_http(cls, value: list[str]) -> list[str]:
+        urls = []
+        for url in value:
+            if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+                raise ValueError(f"{url!r} is not an http(s) base URL like http://host:8000")
+            url = url.rstrip("/")
+            urls.append(url[:-3] if url.endswith("/v1") else url)
+        if len(set(urls)) != len(urls):
+            raise ValueError("an upstream URL is listed twice")
+        return urls
+
+    @model_validator(mode="after")
+    def _upstreams_for_openai_engine(self) -> "ModelSettings":
+        if self.engine == "openai" and not self.upstream_urls:
+            raise ValueError("THAI_ENGINE=openai needs THAI_UPSTREAM_URLS (the upstream servers' "
+                             "base URLs, comma-separated)")
+        return self
 
     @field_validator("summary_prompt")
     @classmethod
@@ -147,6 +221,14 @@ class ServerSettings(BaseSettings):
         2 * 1024 * 1024, ge=1024, le=1024**3,
         description="Largest request body accepted, in bytes; larger bodies get HTTP 413 "
         "(nginx's client_max_body_size is generated from it).",
+    )
+    document_max_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, le=1024**3,
+        description="Largest file /v1/summarize/document and the UI accept, in bytes; larger "
+        "files get HTTP 413 (nginx's client_max_body_size covers it).",
+    )
+    document_max_pages: int = Field(
+        300, ge=1, le=100000, description="Most pages a PDF or Word document may have; more get HTTP 400.",
     )
     frame_ancestors: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -330,13 +412,16 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names it in one line."""
 
 
-SECRET_SETTINGS = frozenset({"api_keys"})  # never echoed back in error messages
+SECRET_SETTINGS = frozenset({"api_keys", "upstream_api_key"})  # never echoed back in error messages
 
 
 def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        name = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a check across fields: its message names them
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
+        name = str(err["loc"][0])
         got = "<hidden>" if name in SECRET_SETTINGS else repr(err.get("input"))
         parts.append(f"THAI_{name.upper()} (--{name.replace('_', '-')}): {err['msg']}"
                      f" (got {got})")
