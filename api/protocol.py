@@ -128,6 +128,15 @@ class ChatCompletionRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def passthrough_fields(self) -> dict[str, object]:
+        """Fields sent that this server does not act on, for an engine whose upstream may
+        (vLLM's ``repetition_penalty``, OpenAI's penalties); the local engine ignores them."""
+        fields = dict(self.model_extra or {})
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                fields[name] = getattr(self, name)
+        return fields
+
     def unsupported_fields(self) -> list[str]:
         """Fields sent that we do not honour (logged, never an error)."""
         extra = list((self.model_extra or {}).keys())

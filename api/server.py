@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from api import __version__
-from api.engine import Engine, EngineState
+from api.engine import Engine, EngineState, build_engine
 from api.errors import install_error_handlers
 from api.http_protocol import install_body_timeout
 from api.lifecycle import install_lifecycle
@@ -35,9 +35,7 @@ log = logging.getLogger("thai.server")
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
     if engine is None:
-        from api.engine.transformers_engine import TransformersEngine
-
-        engine = TransformersEngine(settings.model)
+        engine = build_engine(settings.model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

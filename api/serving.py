@@ -30,6 +30,7 @@ from api.protocol import (
     SummarizeUsage,
     Usage,
 )
+from api.middleware import current_request_id
 from api.settings import ModelSettings
 from api.text import is_blank, normalize_text
 
@@ -163,8 +164,10 @@ class Serving:
             top_p=request.top_p, stop=request.stop, seed=request.seed,
             min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
             no_repeat_ngram_size=request.no_repeat_ngram_size)
-        prompt_ids = await self.encode(self.chat_messages(request))
-        return GenerationRequest(prompt_ids=prompt_ids, params=params)
+        messages = self.chat_messages(request)
+        return GenerationRequest(prompt_ids=await self.encode(messages), params=params,
+                                 request_id=_request_id(), messages=messages,
+                                 passthrough=request.passthrough_fields())
 
     async def complete(self, gen: GenerationRequest) -> Completion:
         parts: list[str] = []
@@ -192,6 +195,11 @@ class Serving:
     async def chat_completion_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
         """Admit now (errors raise before streaming), then yield SSE ``data:`` lines."""
         stream = self.engine.generate(await self.chat_request(request))
+        try:
+            await stream.wait_open()
+        except BaseException:
+            await stream.aclose()
+            raise
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return self._sse(stream, include_usage)
 
@@ -236,8 +244,9 @@ class Serving:
         self.check_model(request.model)
         params = self.sampling_params(max_tokens=request.max_tokens,
                                       temperature=request.temperature, top_p=request.top_p)
-        return GenerationRequest(prompt_ids=await self.encode(self.summary_messages(request.text)),
-                                 params=params)
+        messages = self.summary_messages(request.text)
+        return GenerationRequest(prompt_ids=await self.encode(messages), params=params,
+                                 request_id=_request_id(), messages=messages)
 
     async def summarize(self, request: SummarizeRequest) -> SummarizeResponse:
         result = await self.complete(await self.summary_request(request))
@@ -246,6 +255,12 @@ class Serving:
             usage=SummarizeUsage(input_tokens=result.prompt_tokens,
                                  output_tokens=result.completion_tokens,
                                  total_tokens=result.prompt_tokens + result.completion_tokens))
+
+
+def _request_id() -> str:
+    """The HTTP request's id (X-Request-ID), so an upstream's logs can be matched with ours."""
+    given = current_request_id.get()
+    return given if given != "-" else uuid.uuid4().hex
 
 
 def _usage(prompt: int, completion: int) -> Usage:

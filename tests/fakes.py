@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from api.engine import Engine, EngineInfo, EngineState, GenerationChunk, GenerationRequest
+from api.engine.base import GenerationStream
 
 
 class FakeEngine(Engine):
@@ -42,13 +43,13 @@ class FakeEngine(Engine):
     def count_tokens(self, text: str) -> int:
         return len(text)
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> GenerationStream:
         from api.engine.errors import ContextLengthExceededError
 
         if len(request.prompt_ids) + request.params.max_tokens > self.info.max_context:
             raise ContextLengthExceededError("too long")
         self.requests.append(request)
-        return self._run(request)
+        return _GeneratorStream(self._run(request))
 
     async def _run(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         prompt = "".join(chr(i) for i in request.prompt_ids)
@@ -69,3 +70,16 @@ class FakeEngine(Engine):
         finally:
             if not finished:
                 self.cancelled += 1
+
+
+class _GeneratorStream(GenerationStream):
+    """An async generator seen through the engine's stream interface."""
+
+    def __init__(self, chunks: AsyncIterator[GenerationChunk]):
+        self._chunks = chunks
+
+    async def __anext__(self) -> GenerationChunk:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()

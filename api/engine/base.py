@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from api.engine.types import GenerationChunk, GenerationRequest
@@ -38,6 +38,32 @@ class EngineInfo:
     max_context: int = 4096
     max_batch_size: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+class GenerationStream(abc.ABC):
+    """One request's chunks, as :meth:`Engine.generate` returns them.
+
+    Iterate it for :class:`GenerationChunk` values; closing it (``aclose``), even
+    before the first chunk, cancels the generation.
+    """
+
+    def __aiter__(self) -> "GenerationStream":
+        return self
+
+    @abc.abstractmethod
+    async def __anext__(self) -> GenerationChunk: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def wait_open(self) -> None:
+        """Return once the generation has really started.
+
+        A streaming response awaits this before sending its status line: an engine
+        whose admission finishes asynchronously (an upstream server answering 429 or
+        503) raises here, so the client gets that status instead of a 200 stream that
+        ends in an error. The local engine admits in ``generate`` and returns at once.
+        """
 
 
 class Engine(abc.ABC):
@@ -68,7 +94,7 @@ class Engine(abc.ABC):
         """Number of tokens the model's tokenizer makes of ``text``."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> GenerationStream:
         """Admit ``request`` and return its stream of chunks.
 
         Admission errors (not ready, overloaded, context too long) raise here,

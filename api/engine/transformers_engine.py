@@ -7,9 +7,9 @@ import gc
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import Sequence as Seq
 
-from api.engine.base import Engine, EngineInfo, EngineState
+from api.engine.base import Engine, EngineInfo, EngineState, GenerationStream
 from api.engine.errors import (
     ContextLengthExceededError,
     EngineDeadError,
@@ -118,7 +118,7 @@ class TransformersEngine(Engine):
         return len(self._require_bundle().tokenizer.encode(text, add_special_tokens=False))
 
     # ----------------------------------------------------------- generation
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> "LocalGenerationStream":
         """Admit the request now (errors raise here, before any byte is sent), stream later."""
         bundle = self._require_bundle()
         budget = bundle.max_context - len(request.prompt_ids)
@@ -131,7 +131,7 @@ class TransformersEngine(Engine):
         assert self.scheduler is not None
         queue: asyncio.Queue[GenerationChunk] = asyncio.Queue()
         seq = self.scheduler.submit(request, asyncio.get_running_loop(), queue)
-        return GenerationStream(self.scheduler, seq, queue)
+        return LocalGenerationStream(self.scheduler, seq, queue)
 
     def worker_error(self) -> BaseException | None:
         return self.scheduler.dead if self.scheduler is not None else None
@@ -152,8 +152,8 @@ class TransformersEngine(Engine):
             return None
 
 
-class GenerationStream:
-    """Async iterator over one request's chunks.
+class LocalGenerationStream(GenerationStream):
+    """Async iterator over one request's chunks from the scheduler's queue.
 
     Closing it, even before the first chunk was read, cancels the generation:
     a plain async generator would skip its ``finally`` if never started.
@@ -162,9 +162,6 @@ class GenerationStream:
     def __init__(self, scheduler, seq, queue: asyncio.Queue):
         self._scheduler, self._seq, self._queue = scheduler, seq, queue
         self._finished = False
-
-    def __aiter__(self) -> "GenerationStream":
-        return self
 
     async def __anext__(self) -> GenerationChunk:
         if self._finished:

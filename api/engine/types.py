@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,20 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """A tokenized prompt and its sampling parameters."""
+    """A tokenized prompt and its sampling parameters.
+
+    The local engine reads ``prompt_ids``. An engine that hands the work to another
+    OpenAI-compatible server sends ``messages`` (the chat the prompt was made from,
+    after our normalization) and ``passthrough`` (request fields this server does not
+    act on itself, e.g. vLLM's ``repetition_penalty``, which that server may honour);
+    ``prompt_ids`` still serve for context checks and as a fallback token count.
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    messages: list[dict[str, str]] | None = None
+    passthrough: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
