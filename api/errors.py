@@ -28,6 +28,9 @@ from api.engine.errors import (
     GenerationTimeoutError,
     ModelLoadError,
     ModelNotReadyError,
+    NoHealthyUpstreamError,
+    UpstreamError,
+    UpstreamStatusError,
 )
 from api.protocol import ErrorDetail, ErrorResponse
 
@@ -80,7 +83,11 @@ ENGINE_ERRORS: dict[type[EngineError], tuple[int, str, str | None]] = {
     EngineOutOfMemoryError: (503, "service_unavailable", "out_of_memory"),
     EngineDeadError: (503, "service_unavailable", "engine_dead"),
     GenerationTimeoutError: (504, "timeout", "request_timeout"),
+    NoHealthyUpstreamError: (503, "service_unavailable", "no_healthy_upstream"),
+    UpstreamError: (502, "upstream_error", "upstream_failed"),
 }
+_TYPE_FOR_STATUS = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+                    503: "service_unavailable"}
 
 
 MAX_ECHO_CHARS = 256  # the most of one client-sent name or value an error message quotes
@@ -121,6 +128,9 @@ def status_for(exc: BaseException) -> tuple[int, str, str | None]:
     """Status, type and code for any exception (walks the class hierarchy)."""
     if isinstance(exc, APIError):
         return exc.status_code, exc.error_type, exc.code
+    if isinstance(exc, UpstreamStatusError):  # the upstream's own answer, passed through
+        return (exc.status, exc.error_type or _TYPE_FOR_STATUS.get(exc.status, "upstream_error"),
+                exc.code if exc.code is not None else None)
     for cls in type(exc).__mro__:
         if cls in ENGINE_ERRORS:
             return ENGINE_ERRORS[cls]
@@ -140,9 +150,9 @@ def error_content(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     else:
         message = getattr(exc, "message", None) or str(exc)
         if isinstance(exc, EngineError):  # load failures quote model folders
-            message = redact_paths(message)
+            message = redact_paths(clip(message, MAX_MESSAGE_CHARS))
     headers = {}
-    if isinstance(exc, EngineOverloadedError):
+    if getattr(exc, "retry_after", None):  # overloaded, or an upstream's 429/503
         headers["Retry-After"] = str(exc.retry_after)
     elif status == 503:
         headers["Retry-After"] = "5"

@@ -249,6 +249,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class UpstreamState(BaseModel):
+    name: str = Field(description="upstream-N: the N-th URL of THAI_UPSTREAM_URLS, from 0.")
+    healthy: bool
+    outstanding: int = Field(description="Requests in progress on it.")
+    seconds_in_state: float
+    error: str | None = Field(None, description="Why it is down.")
+
+
 class HealthResponse(BaseModel):
     """Open to anyone (probes need no key), so it names the model but shows no server path."""
 
@@ -268,6 +276,11 @@ class HealthResponse(BaseModel):
     error: str | None = Field(None, description="Why the model cannot serve (server paths removed).")
     requests_running: int = 0
     requests_waiting: int = 0
+    engine: Literal["local", "openai"] = Field(
+        "local", description="local: the model runs in this process; openai: on upstream servers.")
+    upstreams: list[UpstreamState] | None = Field(
+        None, description="THAI_ENGINE=openai: each upstream server's state (named by position in "
+        "THAI_UPSTREAM_URLS; its address is in /metrics, not here).")
 
 
 class ReadinessResponse(BaseModel):

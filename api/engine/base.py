@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from api.engine.errors import ContextLengthExceededError
 from api.engine.types import GenerationChunk, GenerationRequest
 
 
@@ -35,9 +36,27 @@ class EngineInfo:
     device: str | None = None
     dtype: str | None = None
     dtype_reason: str | None = None  # why this dtype (auto picks by hardware)
+    engine: str = "local"  # THAI_ENGINE: local (this process) or openai (upstream servers)
     max_context: int = 4096
     max_batch_size: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of the chat template applied to ``messages``, generation prompt added."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def check_context(max_context: int, prompt_tokens: int, max_tokens: int) -> None:
+    """Refuse a request whose prompt plus requested output does not fit the window."""
+    if max_context - prompt_tokens < max_tokens:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_context} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the messages or "
+            "completion.")
 
 
 class GenerationStream(abc.ABC):
@@ -126,6 +145,10 @@ class Engine(abc.ABC):
         return 0, 0
 
     def memory_mb(self) -> float | None:
+        return None
+
+    def upstream_states(self) -> list[dict] | None:
+        """Each upstream server's state, for an engine that sends work elsewhere; else None."""
         return None
 
     @property

@@ -37,3 +37,23 @@ class EngineOutOfMemoryError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine's worker died; the process should be restarted."""
+
+
+class NoHealthyUpstreamError(EngineError):
+    """THAI_ENGINE=openai: no upstream server passes its health probe."""
+
+
+class UpstreamError(EngineError):
+    """An upstream server failed (unreachable, 5xx after the retry, or broken mid-stream)."""
+
+
+class UpstreamStatusError(EngineError):
+    """An upstream's own error answer, passed on with the status the client should get
+    (its 400s, 404s, 429s and 503s, with their ``Retry-After``)."""
+
+    def __init__(self, status: int, message: str, error_type: str | None = None,
+                 code: str | int | None = None, *, param: str | None = None,
+                 retry_after: str | None = None):
+        super().__init__(message)
+        self.status, self.error_type, self.code = status, error_type, code
+        self.param, self.retry_after = param, retry_after

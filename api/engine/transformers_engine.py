@@ -9,9 +9,15 @@ import os
 import time
 from collections.abc import Sequence as Seq
 
-from api.engine.base import Engine, EngineInfo, EngineState, GenerationStream
+from api.engine.base import (
+    Engine,
+    EngineInfo,
+    EngineState,
+    GenerationStream,
+    chat_prompt_ids,
+    check_context,
+)
 from api.engine.errors import (
-    ContextLengthExceededError,
     EngineDeadError,
     ModelLoadError,
     ModelNotReadyError,
@@ -109,10 +115,7 @@ class TransformersEngine(Engine):
         return self.bundle
 
     def encode_chat(self, messages: Seq[dict[str, str]]) -> list[int]:
-        tokenizer = self._require_bundle().tokenizer
-        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        return list(ids)
+        return chat_prompt_ids(self._require_bundle().tokenizer, messages)
 
     def count_tokens(self, text: str) -> int:
         return len(self._require_bundle().tokenizer.encode(text, add_special_tokens=False))
@@ -121,13 +124,7 @@ class TransformersEngine(Engine):
     def generate(self, request: GenerationRequest) -> "LocalGenerationStream":
         """Admit the request now (errors raise here, before any byte is sent), stream later."""
         bundle = self._require_bundle()
-        budget = bundle.max_context - len(request.prompt_ids)
-        if budget < request.params.max_tokens:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {bundle.max_context} tokens. However, "
-                f"you requested {len(request.prompt_ids) + request.params.max_tokens} tokens "
-                f"({len(request.prompt_ids)} in the messages, {request.params.max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion.")
+        check_context(bundle.max_context, len(request.prompt_ids), request.params.max_tokens)
         assert self.scheduler is not None
         queue: asyncio.Queue[GenerationChunk] = asyncio.Queue()
         seq = self.scheduler.submit(request, asyncio.get_running_loop(), queue)

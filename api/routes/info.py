@@ -63,7 +63,8 @@ async def health(request: Request):
         demo=info.demo, device=info.device, dtype=info.dtype,
         dtype_reason=info.dtype_reason, memory_mb=engine.memory_mb(),
         uptime_s=round(time.time() - engine.started_at, 3), error=public_failure(engine),
-        requests_running=running, requests_waiting=waiting)
+        requests_running=running, requests_waiting=waiting, engine=info.engine,
+        upstreams=engine.upstream_states())
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
 

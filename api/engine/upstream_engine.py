@@ -1,0 +1,609 @@
+"""An engine that is a client: generations run on OpenAI-compatible upstream servers.
+
+``THAI_ENGINE=openai`` puts this app (UI, ``/v1/summarize``, keys, limits, metrics)
+in front of a fleet built for many GPUs: vLLM, SGLang, TGI, llama.cpp's server, or
+other replicas of this app. Only the tokenizer is loaded here (counting, context
+checks, chunking), never the weights.
+
+Kept deliberately small, in the manner of a reverse proxy rather than a scheduler:
+
+- **Balancing**: least outstanding requests among the healthy upstreams (ties go
+  round-robin), which is what evens out long and short generations.
+- **Health**: each upstream is probed every ``THAI_UPSTREAM_HEALTH_INTERVAL_S`` on
+  ``THAI_UPSTREAM_HEALTH_PATH``; a connection failure marks it down at once, a
+  probe brings it back. No healthy upstream: requests get 503, ``/ready`` fails.
+- **Failures**: a request whose upstream cannot be reached, or answers 5xx, before
+  any text was produced is retried once on another upstream (a client sees at most
+  the first token's delay). Once text has been streamed a failure ends the stream
+  with an error (an OpenAI error event on the wire), never a silent truncation.
+  429 and 503 from the upstream reach the client with their ``Retry-After``.
+- **Dialect**: the normalized chat plus every field we do not act on ourselves is
+  sent as is, so vLLM's extensions keep working; we always ask for a stream with
+  usage, and relay each delta as it arrives. Usage is the upstream's own count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client import Counter, Gauge, Histogram
+
+from api.engine.base import (
+    Engine,
+    EngineInfo,
+    EngineState,
+    GenerationStream,
+    chat_prompt_ids,
+    check_context,
+)
+from api.engine.errors import (
+    ModelLoadError,
+    ModelNotReadyError,
+    NoHealthyUpstreamError,
+    UpstreamError,
+    UpstreamStatusError,
+)
+from api.engine.metrics import EngineMetrics
+from api.engine.types import GenerationChunk, GenerationRequest
+from api.settings import ModelSettings
+
+log = logging.getLogger("thai.upstream")
+RETRIED_STATUSES = frozenset({500, 502, 503, 504})
+PASSED_STATUSES = frozenset({400, 404, 408, 409, 413, 429, 503})  # others < 500: 400
+TOKENIZER_FILES = ("tokenizer_config.json",)
+
+
+@dataclass
+class Upstream:
+    """One server we send work to, and what we know of it."""
+
+    index: int
+    url: str  # base URL without /v1
+    healthy: bool = False
+    checked: bool = False  # probed at least once
+    outstanding: int = 0
+    last_error: str | None = None
+    max_model_len: int | None = None  # from its model list; 0: it does not say
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        """How anonymous views (``/health``) name it: the index, never the internal URL."""
+        return f"upstream-{self.index}"
+
+    def mark(self, healthy: bool, error: str | None = None) -> None:
+        if healthy != self.healthy or not self.checked:
+            log.warning("%s (%s) is %s%s", self.name, self.url, "healthy" if healthy else "DOWN",
+                        f": {error}" if error else "")
+            self.since = time.monotonic()
+        self.healthy, self.checked = healthy, True
+        self.last_error = None if healthy else error
+
+
+class UpstreamMetrics:
+    """Per-upstream counters in the engine's registry (beside the vLLM-named engine metrics)."""
+
+    def __init__(self, metrics: EngineMetrics):
+        r, labels = metrics.registry, ["upstream", "url"]
+        self.requests = Counter("thai:upstream_requests", "Requests sent to each upstream, by "
+                                "outcome (ok, error, retried, cancelled).", labels + ["outcome"],
+                                registry=r)
+        self.errors = Counter("thai:upstream_errors", "Upstream failures by kind (connect, status, "
+                              "stream, timeout).", labels + ["kind"], registry=r)
+        self.latency = Histogram("thai:upstream_request_latency_seconds", "Time from sending a "
+                                 "request to an upstream to its last byte.", labels,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 600),
+                                 registry=r)
+        self.outstanding = Gauge("thai:upstream_outstanding_requests", "Requests in progress on "
+                                 "each upstream.", labels, registry=r)
+        self.healthy = Gauge("thai:upstream_healthy", "1 when the last probe of the upstream "
+                             "succeeded.", labels, registry=r)
+
+    @staticmethod
+    def labels(upstream: Upstream) -> tuple[str, str]:
+        return str(upstream.index), upstream.url
+
+
+class UpstreamPool:
+    """The upstreams and the choice among them (least outstanding, then round-robin)."""
+
+    def __init__(self, urls: Sequence[str], metrics: UpstreamMetrics):
+        self.upstreams = [Upstream(i, url) for i, url in enumerate(urls)]
+        self.metrics = metrics
+        self._turn = itertools.count()
+
+    def healthy(self) -> list[Upstream]:
+        return [u for u in self.upstreams if u.healthy]
+
+    def pick(self, exclude: Upstream | None = None) -> Upstream | None:
+        candidates = [u for u in self.healthy() if u is not exclude]
+        if not candidates:
+            return None
+        least = min(u.outstanding for u in candidates)
+        tied = [u for u in candidates if u.outstanding == least]
+        return tied[next(self._turn) % len(tied)]
+
+    def acquire(self, upstream: Upstream) -> None:
+        upstream.outstanding += 1
+        self.metrics.outstanding.labels(*self.metrics.labels(upstream)).set(upstream.outstanding)
+
+    def release(self, upstream: Upstream) -> None:
+        upstream.outstanding -= 1
+        self.metrics.outstanding.labels(*self.metrics.labels(upstream)).set(upstream.outstanding)
+
+    def mark(self, upstream: Upstream, healthy: bool, error: str | None = None) -> None:
+        upstream.mark(healthy, error)
+        self.metrics.healthy.labels(*self.metrics.labels(upstream)).set(1 if healthy else 0)
+
+
+def tokenizer_source(settings: ModelSettings) -> str:
+    """THAI_TOKENIZER, else the adapter folder when it carries a tokenizer, else the base model."""
+    if settings.tokenizer:
+        return settings.tokenizer
+    adapter = Path(settings.lora_path).expanduser() if settings.lora_path else None
+    if adapter is not None and all((adapter / name).is_file() for name in TOKENIZER_FILES):
+        return str(adapter)
+    return settings.base_model
+
+
+def _context_from_config(source: str, base_model: str) -> int | None:
+    """The model's window from a local config (tokenizer folder or base model), if any."""
+    from transformers import AutoConfig
+
+    for candidate in (source, base_model):
+        try:
+            config = AutoConfig.from_pretrained(candidate)
+        except (OSError, ValueError):
+            continue
+        window = getattr(config, "max_position_embeddings", None)
+        if window:
+            return int(window)
+    return None
+
+
+class UpstreamEngine(Engine):
+    def __init__(self, settings: ModelSettings):
+        self.settings = settings
+        self.info = EngineInfo(model_name=settings.served_model_name, engine="openai",
+                               base_model=settings.base_model,
+                               adapter=settings.upstream_model or settings.served_model_name,
+                               device="upstream", max_batch_size=settings.max_batch_size)
+        self.metrics = EngineMetrics(settings.served_model_name)
+        self.upstream_metrics = UpstreamMetrics(self.metrics)
+        self.pool = UpstreamPool(settings.upstream_urls, self.upstream_metrics)
+        self.state = EngineState.LOADING
+        self.error: str | None = None
+        self.started_at = time.time()
+        self.tokenizer = None
+        self.client: httpx.AsyncClient | None = None
+        self._window_from_config: int | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def upstream_model(self) -> str:
+        return self.settings.upstream_model or self.settings.served_model_name
+
+    def headers(self, request_id: str | None = None) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream, application/json"}
+        if self.settings.upstream_api_key:
+            headers["Authorization"] = f"Bearer {self.settings.upstream_api_key}"
+        if request_id:
+            headers["X-Request-ID"] = request_id
+        return headers
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        s = self.settings
+        # httpx logs every request at INFO: one line per probe and per generation is noise
+        # beside our access log (which has the request id the upstream gets too).
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(s.request_timeout_s, connect=s.upstream_connect_timeout_s,
+                                  pool=s.upstream_connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            follow_redirects=False, trust_env=False)
+        self._tasks.append(asyncio.create_task(self._load(), name="upstream-tokenizer"))
+
+    async def _load(self) -> None:
+        source = tokenizer_source(self.settings)
+        try:
+            self.tokenizer, self._window_from_config = await asyncio.to_thread(self._load_tokenizer, source)
+        except Exception as exc:
+            self.state, self.error = EngineState.ERROR, f"cannot load the tokenizer {source!r}: {exc}"
+            log.error("%s", self.error)
+            return
+        await self.check_all()  # know which upstreams answer before declaring ready
+        self.state = EngineState.READY
+        self._tasks.append(asyncio.create_task(self._probe_forever(), name="upstream-health"))
+        log.info("upstream engine ready: %d upstream(s), %d healthy, model %r, tokenizer %s",
+                 len(self.pool.upstreams), len(self.pool.healthy()), self.upstream_model, source)
+
+    def _load_tokenizer(self, source: str):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except OSError as exc:
+            raise ModelLoadError(f"{exc} (set THAI_TOKENIZER to a folder with the model's "
+                                 "tokenizer)") from exc
+        return tokenizer, _context_from_config(source, self.settings.base_model)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        if self._tasks:
+            await asyncio.wait_for(asyncio.shield(self._tasks[0]), timeout)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+        self.state = EngineState.STOPPED
+
+    # --------------------------------------------------------------- health
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.upstream_health_interval_s)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(u) for u in self.pool.upstreams))
+
+    async def check(self, upstream: Upstream) -> None:
+        assert self.client is not None
+        try:
+            response = await self.client.get(upstream.url + self.settings.upstream_health_path,
+                                             headers=self.headers(), timeout=self._probe_timeout())
+        except httpx.HTTPError as exc:
+            self.pool.mark(upstream, False, _describe(exc))
+            return
+        if response.status_code != 200:
+            self.pool.mark(upstream, False, f"health probe answered {response.status_code}")
+            return
+        if upstream.max_model_len is None:
+            upstream.max_model_len = await self._model_len(upstream) or 0
+        self.pool.mark(upstream, True)
+
+    def _probe_timeout(self) -> httpx.Timeout:
+        connect = self.settings.upstream_connect_timeout_s
+        return httpx.Timeout(max(connect, 5.0), connect=connect)
+
+    async def _model_len(self, upstream: Upstream) -> int | None:
+        """vLLM reports ``max_model_len`` in its model list; others may not (then: config)."""
+        assert self.client is not None
+        try:
+            response = await self.client.get(upstream.url + "/v1/models", headers=self.headers(),
+                                             timeout=self._probe_timeout())
+            cards = response.json().get("data", []) if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        for card in cards:
+            if isinstance(card, dict) and card.get("id") == self.upstream_model:
+                window = card.get("max_model_len")
+                return int(window) if isinstance(window, int) and window > 0 else None
+        return None
+
+    @property
+    def max_context(self) -> int:
+        """The smallest window any upstream reports, else the local config's, else 4096."""
+        reported = [u.max_model_len for u in self.pool.upstreams if u.max_model_len]
+        return min(reported) if reported else (self._window_from_config or 4096)
+
+    def upstream_states(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{"name": u.name, "healthy": u.healthy, "outstanding": u.outstanding,
+                 "seconds_in_state": round(now - u.since, 1), "error": u.last_error}
+                for u in self.pool.upstreams]
+
+    def failure(self) -> str | None:
+        if self.state is EngineState.ERROR:
+            return self.error or "engine failed"
+        if self.state is EngineState.READY and not self.pool.healthy():
+            return f"none of the {len(self.pool.upstreams)} upstream server(s) is healthy"
+        return None
+
+    def current_state(self) -> EngineState:
+        return EngineState.ERROR if self.failure() else self.state
+
+    def stats(self) -> tuple[int, int]:
+        return sum(u.outstanding for u in self.pool.upstreams), 0
+
+    # ------------------------------------------------------------ tokenizer
+    def _require_tokenizer(self):
+        if self.state is EngineState.ERROR:
+            raise ModelNotReadyError(self.error or "engine failed")
+        if self.tokenizer is None or self.state is not EngineState.READY:
+            raise ModelNotReadyError("the tokenizer is still loading; retry in a few seconds")
+        return self.tokenizer
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return chat_prompt_ids(self._require_tokenizer(), messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._require_tokenizer().encode(text, add_special_tokens=False))
+
+    # ----------------------------------------------------------- generation
+    def generate(self, request: GenerationRequest) -> "UpstreamStream":
+        self._require_tokenizer()
+        self.info.max_context = self.max_context
+        check_context(self.info.max_context, len(request.prompt_ids), request.params.max_tokens)
+        if not self.pool.healthy():
+            raise NoHealthyUpstreamError(
+                f"No upstream server is available (0 of {len(self.pool.upstreams)} healthy); "
+                "retry in a few seconds.")
+        return UpstreamStream(self, request)
+
+    def body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The upstream's chat request: our normalized chat, our sampling, the client's extras."""
+        if request.messages is None:  # every caller in this app builds prompts from a chat
+            raise ValueError("the upstream engine needs the request's chat messages")
+        p = request.params
+        body: dict[str, Any] = {**request.passthrough, "model": self.upstream_model,
+                                "messages": request.messages, "max_tokens": p.max_tokens,
+                                "temperature": p.temperature, "top_p": p.top_p, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.min_tokens:
+            body["min_tokens"] = p.min_tokens
+        if p.ignore_eos:
+            body["ignore_eos"] = True
+        return body
+
+
+class UpstreamStream(GenerationStream):
+    """One generation relayed from an upstream's SSE stream, retried once before any text."""
+
+    def __init__(self, engine: UpstreamEngine, request: GenerationRequest):
+        self.engine, self.request = engine, request
+        self.body = engine.body(request)
+        self.upstream: Upstream | None = None
+        self.tried: list[Upstream] = []
+        self._response: httpx.Response | None = None
+        self._lines = None
+        self._opened_at = 0.0
+        self._arrived = time.monotonic()
+        self._first_text_at: float | None = None
+        self._text: list[str] = []
+        self._chunks = 0
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._done = False
+
+    # -------------------------------------------------------------- opening
+    async def wait_open(self) -> None:
+        if self._response is None and not self._done:
+            await self._open()
+
+    async def _open(self) -> None:
+        """Connect to the least busy upstream; on a connection failure or a 5xx, once more to
+        another. Other errors pass through with the upstream's status and message."""
+        engine, metrics = self.engine, self.engine.upstream_metrics
+        last: Exception | None = None
+        for attempt in range(2):
+            upstream = engine.pool.pick(exclude=self.tried[-1] if self.tried else None)
+            if upstream is None:
+                break
+            self.tried.append(upstream)
+            engine.pool.acquire(upstream)
+            self.upstream, self._opened_at = upstream, time.monotonic()
+            labels = metrics.labels(upstream)
+            try:
+                assert engine.client is not None
+                request = engine.client.build_request(
+                    "POST", upstream.url + "/v1/chat/completions", json=self.body,
+                    headers=engine.headers(self.request.request_id))
+                response = await engine.client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                self._release()
+                metrics.errors.labels(*labels, "connect").inc()
+                metrics.requests.labels(*labels, "retried" if attempt == 0 else "error").inc()
+                if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    engine.pool.mark(upstream, False, _describe(exc))
+                last = UpstreamError(f"The model server could not be reached ({_describe(exc)}).")
+                continue
+            except BaseException:
+                self._release()
+                raise
+            if response.status_code == 200:
+                self._response, self._lines = response, response.aiter_lines()
+                return
+            error = await _status_error(response)
+            await response.aclose()
+            self._release()
+            metrics.errors.labels(*labels, "status").inc()
+            if response.status_code in RETRIED_STATUSES and attempt == 0:
+                metrics.requests.labels(*labels, "retried").inc()
+                last = error
+                continue
+            metrics.requests.labels(*labels, "error").inc()
+            raise error
+        if last is not None:
+            raise last
+        raise NoHealthyUpstreamError(
+            f"No upstream server is available (0 of {len(engine.pool.upstreams)} healthy); "
+            "retry in a few seconds.")
+
+    def _release(self) -> None:
+        if self.upstream is not None:
+            self.engine.pool.release(self.upstream)
+            self.engine.upstream_metrics.latency.labels(
+                *self.engine.upstream_metrics.labels(self.upstream)).observe(
+                time.monotonic() - self._opened_at)
+            self.upstream = None
+
+    # ------------------------------------------------------------ iterating
+    async def __anext__(self) -> GenerationChunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            while True:
+                if self._response is None:
+                    await self._open()
+                try:
+                    chunk = await self._next_chunk()
+                except (httpx.HTTPError, UpstreamError) as exc:
+                    if self._text or len(self.tried) >= 2 or not self._can_retry():
+                        raise self._broken(exc) from exc
+                    self._count_failure(exc, "retried")
+                    await self._drop_response()
+                    continue
+                if chunk is not None:
+                    return chunk
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def _can_retry(self) -> bool:
+        return self.engine.pool.pick(exclude=self.tried[-1]) is not None
+
+    async def _next_chunk(self) -> GenerationChunk | None:
+        """Read SSE lines until there is something to hand on (text or the end)."""
+        assert self._lines is not None
+        async for line in self._lines:
+            if not line.startswith("data:"):
+                continue  # blank separators, comments (keep-alives), event names
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return self._finish()
+            try:
+                event = json.loads(data)
+            except ValueError:
+                raise UpstreamError("The model server sent a malformed event.") from None
+            if not isinstance(event, dict):
+                continue
+            if isinstance(event.get("error"), dict):
+                raise _event_error(event["error"])
+            if isinstance(event.get("usage"), dict):
+                self._usage = event["usage"]
+            text = ""
+            for choice in event.get("choices") or []:
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta")
+                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                    text += delta["content"]
+                if choice.get("finish_reason"):
+                    self._finish_reason = choice["finish_reason"]
+            if text:
+                return self._text_chunk(text)
+        if self._finish_reason is None:  # the connection ended without [DONE] or a finish
+            raise UpstreamError("The model server closed the stream before the generation finished.")
+        return self._finish()
+
+    def _text_chunk(self, text: str) -> GenerationChunk:
+        now = time.monotonic()
+        if self._first_text_at is None:
+            self._first_text_at = now
+            self.engine.metrics.ttft.observe(now - self._arrived)
+        self._text.append(text)
+        self._chunks += 1
+        return GenerationChunk(text, len(self.request.prompt_ids), self._chunks)
+
+    def _finish(self) -> GenerationChunk:
+        usage = self._usage or {}
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if not isinstance(prompt, int):  # servers that send no usage: count it ourselves
+            prompt = len(self.request.prompt_ids)
+        if not isinstance(completion, int):
+            completion = self.engine.count_tokens("".join(self._text))
+        reason = self._finish_reason or "stop"
+        metrics, upstream = self.engine.metrics, self.upstream
+        metrics.prompt_tokens.inc(prompt)
+        metrics.generation_tokens.inc(completion)
+        metrics.e2e.observe(time.monotonic() - self._arrived)
+        metrics.finished(reason)
+        if upstream is not None:
+            self.engine.upstream_metrics.requests.labels(
+                *self.engine.upstream_metrics.labels(upstream), "ok").inc()
+        self._done = True
+        return GenerationChunk("", prompt, completion, finished=True, finish_reason=reason)
+
+    def _count_failure(self, exc: BaseException, outcome: str) -> None:
+        if self.upstream is None:
+            return
+        labels = self.engine.upstream_metrics.labels(self.upstream)
+        kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "stream"
+        self.engine.upstream_metrics.errors.labels(*labels, kind).inc()
+        self.engine.upstream_metrics.requests.labels(*labels, outcome).inc()
+        if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError)):
+            self.engine.pool.mark(self.upstream, False, _describe(exc))
+
+    def _broken(self, exc: BaseException) -> BaseException:
+        self._count_failure(exc, "error")
+        if isinstance(exc, UpstreamError):
+            return exc
+        where = "after part of the answer was sent" if self._text else "before answering"
+        return UpstreamError(f"The model server failed {where} ({_describe(exc)}).")
+
+    async def _drop_response(self) -> None:
+        response, self._response, self._lines = self._response, None, None
+        if response is not None:
+            await response.aclose()
+        self._release()
+
+    async def aclose(self) -> None:
+        if self._response is not None and not self._done and self.upstream is not None:
+            self.engine.upstream_metrics.requests.labels(
+                *self.engine.upstream_metrics.labels(self.upstream), "cancelled").inc()
+        self._done = True
+        await self._drop_response()
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, URL-free description of a transport failure (shown to clients and in /health)."""
+    names = {httpx.ConnectError: "connection refused or unreachable",
+             httpx.ConnectTimeout: "connection timed out", httpx.ReadTimeout: "read timed out",
+             httpx.RemoteProtocolError: "connection closed", httpx.ReadError: "connection lost",
+             httpx.PoolTimeout: "no free connection"}
+    for cls, text in names.items():
+        if isinstance(exc, cls):
+            return text
+    return type(exc).__name__
+
+
+async def _status_error(response: httpx.Response) -> UpstreamStatusError:
+    """The upstream's non-200 answer as an error with the status the client should get."""
+    try:
+        raw = await response.aread()
+        payload = json.loads(raw[:65536]) if raw else {}
+    except (httpx.HTTPError, ValueError):
+        payload = {}
+    detail = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(detail, dict):  # vLLM 0.x errors: {"message": ..., "type": ..., "code": ...}
+        detail = payload if isinstance(payload, dict) and "message" in payload else {}
+    status = response.status_code
+    retry_after = response.headers.get("retry-after")
+    if status in (401, 403):  # our key, not the client's: a gateway problem
+        return UpstreamStatusError(502, "The model server refused this gateway's credentials "
+                                   "(THAI_UPSTREAM_API_KEY).", "upstream_error", "upstream_auth_failed")
+    if status not in PASSED_STATUSES and status < 500:
+        status = 400
+    if status >= 500 and status != 503:
+        status = 502
+    message = detail.get("message") if isinstance(detail.get("message"), str) else None
+    if message is None and isinstance(payload, dict) and isinstance(payload.get("detail"), str):
+        message = payload["detail"]  # FastAPI's HTTPException body (transformers serve)
+    return UpstreamStatusError(
+        status, message or f"The model server answered HTTP {response.status_code}.",
+        detail.get("type") if isinstance(detail.get("type"), str) else None,
+        detail.get("code") if isinstance(detail.get("code"), (str, int)) else None,
+        param=detail.get("param") if isinstance(detail.get("param"), str) else None,
+        retry_after=retry_after if retry_after and retry_after.isdigit() else None)
+
+
+def _event_error(detail: dict) -> UpstreamError:
+    message = detail.get("message") if isinstance(detail.get("message"), str) else None
+    return UpstreamError(message or "The model server reported an error mid-stream.")
