@@ -132,6 +132,8 @@ class ChatCompletionRequest(BaseModel):
         """Fields sent that this server does not act on, for an engine whose upstream may
         (vLLM's ``repetition_penalty``, OpenAI's penalties); the local engine ignores them."""
         fields = dict(self.model_extra or {})
+        if "no_repeat_ngram_size" in self.model_fields_set:  # our sampler's; sent when asked for
+            fields["no_repeat_ngram_size"] = self.no_repeat_ngram_size
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 fields[name] = getattr(self, name)

@@ -64,8 +64,9 @@ class ServerProcess:
 
 
 def start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool = True,
-                 timeout: float = 120, args: list[str] | None = None) -> ServerProcess:
-    port = free_port()
+                 timeout: float = 120, args: list[str] | None = None,
+                 port: int | None = None) -> ServerProcess:
+    port = port or free_port()
     full_env = {**os.environ, "THAI_HOST": "127.0.0.1", "THAI_PORT": str(port),
                 "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **env}
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ from api.settings import ModelSettings
 
 log = logging.getLogger("thai.upstream")
 RETRIED_STATUSES = frozenset({500, 502, 503, 504})
-PASSED_STATUSES = frozenset({400, 404, 408, 409, 413, 429, 503})  # others < 500: 400
+PASSED_STATUSES = frozenset({400, 408, 409, 413, 429, 503})  # others < 500: 400
 TOKENIZER_FILES = ("tokenizer_config.json",)
 
 
@@ -589,6 +589,11 @@ async def _status_error(response: httpx.Response) -> UpstreamStatusError:
     if status in (401, 403):  # our key, not the client's: a gateway problem
         return UpstreamStatusError(502, "The model server refused this gateway's credentials "
                                    "(THAI_UPSTREAM_API_KEY).", "upstream_error", "upstream_auth_failed")
+    if status == 404:  # the client's model name was checked here: ours is misconfigured
+        upstream_message = detail.get("message") if isinstance(detail.get("message"), str) else ""
+        return UpstreamStatusError(502, "The model server does not serve the configured model "
+                                   f"(THAI_UPSTREAM_MODEL): {upstream_message}".rstrip(": "),
+                                   "upstream_error", "upstream_model_not_found")
     if status not in PASSED_STATUSES and status < 500:
         status = 400
     if status >= 500 and status != 503:

@@ -1,0 +1,90 @@
+"""The upstream engine's choices without servers: balancing, the request it sends, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from api.engine.errors import UpstreamStatusError
+from api.engine.metrics import EngineMetrics
+from api.engine.types import GenerationRequest, SamplingParams
+from api.engine.upstream_engine import UpstreamEngine, UpstreamMetrics, UpstreamPool, _status_error
+from api.errors import error_content
+from api.settings import ModelSettings
+
+
+def pool(n: int) -> UpstreamPool:
+    result = UpstreamPool([f"http://u{i}:8000" for i in range(n)], UpstreamMetrics(EngineMetrics("m")))
+    for upstream in result.upstreams:
+        result.mark(upstream, True)
+    return result
+
+
+def test_least_outstanding_then_round_robin():
+    p = pool(3)
+    a, b, c = p.upstreams
+    picks = [p.pick() for _ in range(6)]
+    assert {u.index for u in picks} == {0, 1, 2}, "ties rotate"
+    p.acquire(a), p.acquire(a), p.acquire(b)
+    assert p.pick() is c
+    p.acquire(c)
+    assert p.pick() in (b, c)
+    p.mark(b, False, "down"), p.mark(c, False, "down")
+    assert p.pick() is a, "only healthy upstreams are chosen, however busy"
+    assert p.pick(exclude=a) is None
+
+
+def test_the_body_carries_the_chat_our_sampling_and_the_clients_extras():
+    engine = UpstreamEngine(ModelSettings(engine="openai", upstream_urls=["http://u:1"],
+                                          upstream_model="thai-qwen-lora"))
+    request = GenerationRequest(
+        prompt_ids=[1, 2], params=SamplingParams(max_tokens=9, temperature=0.0, top_p=1.0, seed=7,
+                                                  stop=("จบ",), min_tokens=2),
+        messages=[{"role": "user", "content": "สวัสดี"}], passthrough={"repetition_penalty": 1.1})
+    body = engine.body(request)
+    assert body == {"repetition_penalty": 1.1, "model": "thai-qwen-lora",
+                    "messages": [{"role": "user", "content": "สวัสดี"}], "max_tokens": 9,
+                    "temperature": 0.0, "top_p": 1.0, "stream": True,
+                    "stream_options": {"include_usage": True}, "seed": 7, "stop": ["จบ"],
+                    "min_tokens": 2}
+    with pytest.raises(ValueError):
+        engine.body(GenerationRequest(prompt_ids=[1], params=SamplingParams()))
+
+
+@pytest.mark.parametrize("status, payload, expect_status, expect_code", [
+    (429, {"error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limited"}}, 429, "rate_limited"),
+    (503, {"error": {"message": "loading"}}, 503, None),
+    (422, {"detail": "Unexpected fields in the request: {'x'}"}, 400, None),
+    (401, {"error": {"message": "bad key"}}, 502, "upstream_auth_failed"),
+    (500, {}, 502, None),
+    (404, {"message": "The model `x` does not exist.", "type": "NotFoundError", "code": 404}, 502,
+     "upstream_model_not_found"),
+])
+def test_upstream_statuses_map_to_what_the_client_should_get(status, payload, expect_status, expect_code):
+    response = httpx.Response(status, content=json.dumps(payload).encode(),
+                              headers={"Retry-After": "7"} if status in (429, 503) else {})
+    error = asyncio.run(_status_error(response))
+    assert isinstance(error, UpstreamStatusError)
+    got_status, body, headers = error_content(error)
+    assert got_status == expect_status and body["error"]["code"] == expect_code
+    if status in (429, 503):
+        assert headers["Retry-After"] == "7"
+    if status == 401:
+        assert "bad key" not in body["error"]["message"]
+
+
+def test_settings_need_upstreams_for_the_openai_engine():
+    from api.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="THAI_UPSTREAM_URLS"):
+        Settings.from_overrides({"engine": "openai"})
+    settings = Settings.from_overrides({"engine": "openai", "upstream_urls": "http://a:8000/v1/,https://b"})
+    assert settings.model.upstream_urls == ["http://a:8000", "https://b"]
+    with pytest.raises(SettingsError, match="not an http"):
+        Settings.from_overrides({"upstream_urls": "file:///etc/passwd"})
+    with pytest.raises(SettingsError) as hidden:
+        Settings.from_overrides({"upstream_api_key": 5})
+    assert "<hidden>" in str(hidden.value)
