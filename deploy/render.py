@@ -11,13 +11,17 @@ bytes.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
+from api.middleware import document_body_limit
 from api.settings import Settings
 
 DEPLOY_DIR = Path(__file__).resolve().parent
@@ -27,6 +31,17 @@ SERVICE_NAME = "thai-model-api"
 NGINX_ZONE = "thai_model_api"
 START_TIMEOUT_S = 900  # first start downloads ~3 GB and loads it
 ABSOLUTE_PATH = r"^/[^\s'\"]*$"
+# vLLM mode (--engine vllm). The image is vLLM's official OpenAI-compatible server, pinned. The plain
+# v0.19.1 tag is a CUDA 12.9 build; from v0.20 on the plain tags are CUDA 13 builds, which need an
+# NVIDIA driver >= 580 (their CUDA 12.9 builds carry a -cu129 suffix).
+VLLM_IMAGE = "vllm/vllm-openai:v0.19.1"
+VLLM_NAME = "vllm-openai"  # systemd unit, Kubernetes Deployment and Service
+VLLM_CONTAINER_PORT = 8000  # vLLM's own default; every container has its own network namespace
+VLLM_CONFIG_DIR = f"/etc/{VLLM_NAME}"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
+IMAGE_REFERENCE = r"^[a-z0-9][a-z0-9._/:-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})$"
+VLLM_ONLY_OPTIONS = ("gpus", "tensor_parallel_size", "vllm_image", "vllm_bin", "vllm_port", "max_lora_rank",
+                     "app_image", "k8s_namespace", "app_max_replicas")
 
 
 def default_torch_spec() -> str:
@@ -82,6 +97,30 @@ class DeployOptions(BaseModel):
                                "address is the gateway that nginx's connections come from, the one "
                                "proxy the app trusts there (THAI_FORWARDED_ALLOW_IPS).")
 
+    engine: Literal["local", "vllm"] = Field(
+        "local", description="local: the files for the app loading the model itself; vllm: also "
+        "Docker Compose, systemd and Kubernetes files that run vLLM on the GPUs with this app in front "
+        "(THAI_ENGINE=openai).")
+    gpus: int = Field(1, ge=1, le=64, description="vLLM: GPUs in all (0..N-1); one vLLM replica per "
+                      "--tensor-parallel-size GPUs, and the app balances over the replicas.")
+    tensor_parallel_size: int = Field(1, ge=1, le=16, description="vLLM: GPUs one replica spans (for a "
+                                      "base model too big for one GPU); must divide --gpus.")
+    vllm_image: str = Field(VLLM_IMAGE, pattern=IMAGE_REFERENCE,
+                            description="vLLM: the server image (Compose, Kubernetes), pinned to a release.")
+    vllm_bin: str = Field("/opt/vllm/bin/vllm", pattern=ABSOLUTE_PATH,
+                          description="vLLM under systemd: the vllm executable (a virtual environment of its own).")
+    vllm_port: int = Field(8100, ge=1, le=65535, description="vLLM under systemd: loopback port of the first "
+                           f"replica, one more per replica (containers use {VLLM_CONTAINER_PORT}).")
+    max_lora_rank: int = Field(16, description="vLLM: --max-lora-rank, at least the adapter's r "
+                               f"(adapter_config.json); one of {', '.join(map(str, VLLM_LORA_RANKS))}.")
+    app_image: str = Field(f"{SERVICE_NAME}:latest", pattern=IMAGE_REFERENCE,
+                           description="Kubernetes: this app's image (built from the Dockerfile, pushed "
+                           "where the cluster pulls from).")
+    k8s_namespace: str = Field("thai-llm", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                               description="Kubernetes: namespace of every object.")
+    app_max_replicas: int = Field(8, ge=1, le=1000, description="Kubernetes: most app pods the "
+                                  "HorizontalPodAutoscaler runs (it keeps at least --replicas).")
+
     @field_validator("install_dir")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
@@ -98,10 +137,42 @@ class DeployOptions(BaseModel):
             raise ValueError("must be a private IPv4 subnet of at least 16 addresses (/28)")
         return str(network)
 
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _divides_gpus(cls, value: int, info: ValidationInfo) -> int:
+        gpus = info.data.get("gpus")
+        if gpus is not None and gpus % value:
+            raise ValueError(f"must divide --gpus {gpus} (each vLLM replica takes this many GPUs)")
+        return value
+
+    @field_validator("vllm_image")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        if value.endswith(":latest"):
+            raise ValueError("pin a release tag (e.g. vllm/vllm-openai:v0.19.1), not latest")
+        return value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM accepts only {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return value
+
     @model_validator(mode="after")
     def _ports_fit(self) -> "DeployOptions":
         if self.http_port == self.https_port:
             raise ValueError("http_port and https_port must differ")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_options_need_vllm(self) -> "DeployOptions":
+        given = [name for name in VLLM_ONLY_OPTIONS if name in self.model_fields_set]
+        if self.engine != "vllm" and given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags}: only with --engine vllm")
+        if self.engine == "vllm" and self.app_max_replicas < self.replicas:
+            raise ValueError(f"--app-max-replicas {self.app_max_replicas} is below --replicas {self.replicas}")
         return self
 
 
@@ -164,6 +235,9 @@ def build_context(options: DeployOptions, settings: Settings, out_dir: Path) -> 
         "ui_burst": options.ui_burst,
         "prefix": prefix,
         "max_request_bytes": server.max_request_bytes,
+        # /v1/summarize/document: the file limit plus the form around it, as the app's own
+        "document_max_bytes": server.document_max_bytes,
+        "document_body_bytes": document_body_limit(server.document_max_bytes),
         "frame_ancestors": ",".join(server.frame_ancestors),
         # nginx connects from loopback (systemd) ...
         "forwarded_allow_ips": ",".join(server.forwarded_allow_ips) or "127.0.0.1",
@@ -200,21 +274,142 @@ OUTPUTS: tuple[tuple[str, str, int, dict], ...] = (
 )
 
 
+# vLLM mode only: path -> (template, mode, extra); "vllm-openai/{port}.env" once per systemd instance
+VLLM_OUTPUTS: tuple[tuple[str, str, int, dict], ...] = (
+    ("docker-compose.vllm.yml", "docker-compose.vllm.yml.j2", 0o644, {}),
+    ("vllm.env", "vllm.env.j2", 0o640, {}),
+    (f"{VLLM_NAME}@.service", "vllm-openai.service.j2", 0o644, {}),
+    (f"{VLLM_NAME}/{{port}}.env", "vllm-openai.instance.env.j2", 0o644, {}),
+    (f"{SERVICE_NAME}.vllm.env", "thai-model-api.vllm.env.j2", 0o640, {}),
+    (f"{SERVICE_NAME}.service.d/vllm.conf", "thai-model-api.vllm.conf.j2", 0o644, {}),
+    ("k8s/00-namespace.yaml", "k8s/00-namespace.yaml.j2", 0o644, {}),
+    ("k8s/10-storage.yaml", "k8s/10-storage.yaml.j2", 0o644, {}),
+    ("k8s/20-vllm.yaml", "k8s/20-vllm.yaml.j2", 0o644, {}),
+    ("k8s/30-app.yaml", "k8s/30-app.yaml.j2", 0o644, {}),
+)
+SAFE_ARGUMENT = r"[^\s'\"\\$%`]+"  # one word in ExecStart=, Compose and Kubernetes alike
+
+
+def adapter_rank(adapter_dir: str) -> int | None:
+    """The largest LoRA rank in ``adapter_config.json`` (``r`` and ``rank_pattern``), if readable here."""
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    pattern = config.get("rank_pattern")
+    ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, dict) else ())]
+    ranks = [rank for rank in ranks if isinstance(rank, int) and not isinstance(rank, bool)]
+    return max(ranks) if ranks else None
+
+
+def vllm_args(model: str, served_base: str, lora_name: str, adapter: str, options: DeployOptions) -> list[str]:
+    """``vllm serve`` arguments after the executable: the same for Compose, systemd and Kubernetes."""
+    args = [model, "--served-model-name", served_base]
+    if adapter:
+        args += ["--enable-lora", "--lora-modules", f"{lora_name}={adapter}",
+                 "--max-lora-rank", str(options.max_lora_rank)]
+    # Sampling defaults come from the app's requests, not the checkpoint's generation_config.json.
+    args += ["--tensor-parallel-size", str(options.tensor_parallel_size), "--generation-config", "vllm"]
+    return args
+
+
+def build_vllm_context(options: DeployOptions, settings: Settings, base: dict) -> dict:
+    """The values the vLLM templates add to :func:`build_context`'s."""
+    model = settings.model
+    lora_name = model.upstream_model or model.served_model_name
+    adapter_host, base_dir = base["lora_path"], base["base_model_dir"]
+    for label, value in (("THAI_SERVED_MODEL_NAME", model.served_model_name),
+                         ("THAI_UPSTREAM_MODEL", lora_name), ("THAI_BASE_MODEL", base["base_model"]),
+                         ("THAI_LORA_PATH", adapter_host or "-")):
+        if not re.fullmatch(SAFE_ARGUMENT, value):
+            raise ValueError(f"{label}={value!r}: the vLLM files need it without spaces, quotes, $, % or `")
+    # vLLM's name for the bare base model; with an adapter, requests name the adapter instead.
+    served_base = (Path(base_dir).name if base_dir else model.base_model) if adapter_host else lora_name
+    if adapter_host and served_base == lora_name:
+        raise ValueError(f"THAI_UPSTREAM_MODEL={lora_name!r} is also the base model's name in vLLM: "
+                         "name the adapter differently")
+    # A check, never an input: an adapter readable here only stops a rank vLLM would refuse at start.
+    rank = adapter_rank(adapter_host) if adapter_host else None
+    if rank is not None and rank > options.max_lora_rank:
+        fits = next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+        raise ValueError(f"--max-lora-rank {options.max_lora_rank} is below the rank {rank} of the adapter "
+                         f"in {adapter_host}: use --max-lora-rank {fits}")
+    tp = options.tensor_parallel_size
+    count = options.gpus // tp
+    host_ports = [options.vllm_port + i for i in range(count)]
+    if host_ports[-1] > 65535:
+        raise ValueError(f"{count} vLLM replicas from --vllm-port {options.vllm_port} pass port 65535")
+    if set(host_ports) & set(base["ports"]):
+        raise ValueError(f"vLLM ports {host_ports[0]}-{host_ports[-1]} overlap the app's ports "
+                         f"{base['port_range']}: choose another --vllm-port")
+    replicas = [{"name": f"vllm-{i}", "gpus": [str(g) for g in range(i * tp, (i + 1) * tp)],
+                 "port": host_ports[i]} for i in range(count)]
+    container_model = "/models/base" if base_dir else model.base_model
+    container_adapter = "/models/adapter" if adapter_host else ""
+    version = re.search(r":v?(\d+\.\d+\.\d+(?:\.post\d+)?)(?:-[A-Za-z0-9.]+)?$", options.vllm_image)
+    vllm_bin = Path(options.vllm_bin)
+    return {
+        "vllm_name": VLLM_NAME,
+        "vllm_image": options.vllm_image,
+        "vllm_version": version.group(1) if version else "",
+        "vllm_bin": options.vllm_bin,
+        "vllm_venv": str(vllm_bin.parent.parent) if vllm_bin.parent.name == "bin" else "",
+        "vllm_config_dir": VLLM_CONFIG_DIR,
+        "vllm_env_file": f"{VLLM_CONFIG_DIR}/vllm.env",
+        "vllm_cache_dir": f"/var/cache/{VLLM_NAME}",
+        "vllm_port": VLLM_CONTAINER_PORT,
+        "gpus": options.gpus,
+        "tensor_parallel_size": tp,
+        "vllm_replicas": replicas,
+        "vllm_units": [f"{VLLM_NAME}@{r['port']}.service" for r in replicas],
+        "vllm_instance_env_files": [f"{VLLM_NAME}/{r['port']}.env" for r in replicas],
+        "upstream_model": lora_name,
+        "adapter": bool(adapter_host),
+        "container_args": vllm_args(container_model, served_base, lora_name, container_adapter, options),
+        "container_tokenizer": container_adapter or container_model,
+        "host_args": vllm_args(base["base_model"], served_base, lora_name, adapter_host, options),
+        "host_tokenizer": adapter_host or base["base_model"],
+        "compose_upstream_urls": ",".join(f"http://{r['name']}:{VLLM_CONTAINER_PORT}" for r in replicas),
+        "host_upstream_urls": ",".join(f"http://127.0.0.1:{port}" for port in host_ports),
+        "k8s_upstream_urls": f"http://{VLLM_NAME}:{VLLM_CONTAINER_PORT}",
+        "namespace": options.k8s_namespace,
+        "app_image": options.app_image,
+        "app_min_replicas": options.replicas,
+        "app_max_replicas": options.app_max_replicas,
+        "secret_name": "vllm-api-key",
+        "models_claim": "thai-model-files",
+        "app_uid": 10001,  # the Dockerfile's user
+    }
+
+
 def render_all(options: DeployOptions, settings: Settings, out_dir: Path) -> list[RenderedFile]:
-    """All output files, in a fixed order."""
+    """All output files, in a fixed order: today's, then (``--engine vllm``) the vLLM ones."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                              autoescape=False)
+    env.filters["q"] = lambda value: json.dumps(str(value), ensure_ascii=False)  # a quoted YAML string
     context = build_context(options, settings, out_dir)
+
+    def render(path: str, template: str, mode: int, extra: dict) -> RenderedFile:
+        header = (f"Generated by deploy/setup_production.py from deploy/templates/{template}. "
+                  "Regenerating keeps your edits unless --force is given.")
+        return RenderedFile(path, env.get_template(template).render(**context, **extra, header=header), mode)
+
     files = []
     for path, template, mode, extra in OUTPUTS:
         if extra.get("instance") and options.replicas == 1:
             continue
-        header = (f"Generated by deploy/setup_production.py from deploy/templates/{template}. "
-                  "Regenerating keeps your edits unless --force is given.")
-        content = env.get_template(template).render(**context, **extra, header=header)
-        files.append(RenderedFile(path, content, mode))
+        files.append(render(path, template, mode, extra))
+    if options.engine == "vllm":
+        context.update(build_vllm_context(options, settings, context))
+        for path, template, mode, extra in VLLM_OUTPUTS:
+            if "{port}" in path:
+                files += [render(path.format(port=r["port"]), template, mode, {**extra, "replica": r})
+                          for r in context["vllm_replicas"]]
+            else:
+                files.append(render(path, template, mode, extra))
     return files
-
