@@ -9,8 +9,9 @@ so a streamed response goes out chunk by chunk, never buffered.
   ``X-Request-ID`` header and puts it on every log line written while the
   request runs (:class:`RequestIdLogFilter`).
 - :class:`BodyLimitMiddleware` answers 413 for bodies over
-  ``THAI_MAX_REQUEST_BYTES``: at once from ``Content-Length``, or while
-  counting the bytes of a chunked body.
+  ``THAI_MAX_REQUEST_BYTES`` (the document upload: ``THAI_DOCUMENT_MAX_BYTES``
+  plus the form): at once from ``Content-Length``, or while counting the bytes
+  of a chunked body.
 - :class:`SecurityHeadersMiddleware` adds ``X-Content-Type-Options``, a
   ``Referrer-Policy`` and, outside the UI, a Content-Security-Policy (the UI's
   own policy, with its iframe ``frame-ancestors``, is set by the UI module).
@@ -223,27 +224,45 @@ class RequestTooLarge(HTTPException):
 
     code = "request_too_large"
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, setting: str = "THAI_MAX_REQUEST_BYTES"):
         super().__init__(413, f"Request body is larger than this server's limit of {limit} bytes "
-                              "(THAI_MAX_REQUEST_BYTES).")
+                              f"({setting}).")
+
+
+# The one route whose body is a file: its limit is the document limit plus the form around it
+# (part headers and the option fields), so a file of exactly THAI_DOCUMENT_MAX_BYTES passes.
+DOCUMENT_UPLOAD_PATH = "/v1/summarize/document"
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def document_body_limit(document_max_bytes: int) -> int:
+    """The body limit of :data:`DOCUMENT_UPLOAD_PATH` (the app's and nginx's)."""
+    return document_max_bytes + MULTIPART_OVERHEAD_BYTES
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    """413 past ``max_bytes``, or past a path's own limit in ``path_limits``
+    (path -> (bytes, the setting to name in the error))."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 path_limits: dict[str, tuple[int, str]] | None = None):
         self.app, self.max_bytes = app, max_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes, setting = self.path_limits.get(route_path(scope),
+                                                  (self.max_bytes, "THAI_MAX_REQUEST_BYTES"))
         declared = request_header(scope, b"content-length")
         if declared is not None:
             try:
-                too_large = int(declared) > self.max_bytes
+                too_large = int(declared) > max_bytes
             except ValueError:
                 too_large = False  # the server rejects a malformed Content-Length itself
             if too_large:
-                await receive_error_response(RequestTooLarge(self.max_bytes))(scope, receive, send)
+                await receive_error_response(RequestTooLarge(max_bytes, setting))(scope, receive, send)
                 return
         received = 0
 
@@ -252,8 +271,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise RequestTooLarge(self.max_bytes)
+                if received > max_bytes:
+                    raise RequestTooLarge(max_bytes, setting)
             return message
 
         await run_with_guarded_receive(self.app, scope, receive, send, counting_receive,
@@ -419,7 +438,9 @@ def install_proxy_guards(app, settings) -> None:
 def install_http_guards(app, settings) -> None:
     """Add the guards outermost-last (call after CORS, so they wrap it)."""
     server = settings.server
-    app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes, path_limits={
+        DOCUMENT_UPLOAD_PATH: (document_body_limit(server.document_max_bytes),
+                               "THAI_DOCUMENT_MAX_BYTES plus 64 KiB for the form")})
     if server.log_prompts:
         app.add_middleware(PromptLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
