@@ -312,7 +312,8 @@ def _answers(url: str) -> bool:
 def test_upstream_429_passes_through_and_a_wrong_key_is_a_gateway_error(model_env, tmp_path_factory):
     logs = tmp_path_factory.mktemp("upstream-status")
     replica = start_server(replica_env(model_env, THAI_API_KEYS="upstream-key-1234567",
-                                       THAI_RATE_LIMIT_PER_MINUTE="1", THAI_RATE_LIMIT_BURST="1"), logs)
+                                       THAI_RATE_LIMIT_PER_MINUTE="1", THAI_RATE_LIMIT_BURST="2"), logs)
+    # burst 2: the good front reads /v1/models once (for max_model_len), then one chat passes
     good = start_server(front_env(model_env, [replica.url], THAI_ENABLE_UI="false",
                                   THAI_UPSTREAM_API_KEY="upstream-key-1234567",
                                   THAI_UPSTREAM_HEALTH_PATH="/ready"), logs)
