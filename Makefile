@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test demo-checkpoint deploy host-api test-api bench clean
+.PHONY: install run test demo-checkpoint deploy host-api test-api bench batch clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ test-api: install
 
 deploy: install
 	$(PY) deploy/setup_production.py $(ARGS)
+
+# Many texts at once, in-process: make batch ARGS="docs.csv summaries.csv" (python -m api.batch --help)
+batch: install
+	$(PY) -m api.batch $(ARGS)
 
 clean:
 	rm -rf $(VENV) models/demo test-artifacts .pytest_cache

@@ -3,13 +3,14 @@
 #   ./manage.sh host-api [app.py flags]      pre-flight checks, then serve (deploy/host_model.py)
 #   ./manage.sh check [app.py flags]         only the pre-flight checks
 #   ./manage.sh test-api [--url URL] [--api-key KEY]   check every endpoint of a running server
-#   ./manage.sh setup-production [flags]     write systemd/nginx/Compose/Prometheus files (deploy/out)
+#   ./manage.sh setup-production [flags]     write systemd/nginx/Compose/Prometheus files (deploy/out; vLLM's: --engine vllm)
+#   ./manage.sh batch INPUT OUTPUT [options] many texts through the model in-process (.jsonl/.csv/.xlsx; --help)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-.venv/bin/python}"
 
 usage() {
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 if [[ ! -x "$PY" ]]; then
@@ -24,6 +25,7 @@ case "$command" in
   check) exec "$PY" deploy/host_model.py --check-only "$@" ;;
   test-api) exec "$PY" deploy/test_api_client.py "$@" ;;
   setup-production) exec "$PY" deploy/setup_production.py "$@" ;;
+  batch) exec "$PY" -m api.batch "$@" ;;
   help|-h|--help) usage ;;
   *) echo "error: unknown command '$command'" >&2; usage >&2; exit 2 ;;
 esac
