@@ -210,8 +210,11 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+SummarizeStrategy = Literal["auto", "single"]
+
+
 class SummarizeRequest(BaseModel):
-    """The seed's summarize request."""
+    """The seed's summarize request, plus long-text strategy and streaming."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     _valid_input = model_validator(mode="before")(check_json_input)
@@ -220,11 +223,21 @@ class SummarizeRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     model: str | None = Field(None, max_length=256, description="Optional; checked when given.")
+    strategy: SummarizeStrategy = Field(
+        "auto", description="auto: a text longer than THAI_SUMMARY_CHUNK_TOKENS tokens (or one "
+        "that does not fit the context window) is split on Thai sentence boundaries, the pieces "
+        "are summarized concurrently and their summaries summarized again, until one call "
+        "holds it all. single: one call; a text that does not fit gets HTTP 400 "
+        "context_length_exceeded.")
+    stream: bool = Field(
+        False, description="Send Server-Sent Events: summarize.progress while pieces are "
+        "summarized, summarize.delta with the final summary's text as it is generated, "
+        "summarize.result with the whole response, then [DONE].")
 
 
 class SummarizeUsage(BaseModel):
-    input_tokens: int
-    output_tokens: int
+    input_tokens: int = Field(description="Prompt tokens of every call (all pieces, all rounds).")
+    output_tokens: int = Field(description="Generated tokens of every call.")
     total_tokens: int
 
 
@@ -232,7 +245,58 @@ class SummarizeResponse(BaseModel):
     summary: str
     model: str
     usage: SummarizeUsage
-    finish_reason: FinishReason
+    finish_reason: FinishReason = Field(description="The final summary's: stop, or length when "
+                                        "it reached max_tokens.")
+    chunks: int = Field(1, description="Pieces summarized in all rounds, the final summary "
+                        "included: 1 for a text that fitted in one call.")
+    rounds: int = Field(1, description="Rounds of summarization: 1 for a text that fitted, "
+                        "2 for pieces then the summary of their summaries, and so on.")
+
+
+class DocumentInfo(BaseModel):
+    filename: str = Field(description="The uploaded file's name.")
+    kind: str = Field(description="The format the text was extracted from (pdf, docx, html, ...).")
+    pages: int | None = Field(None, description="Pages of a PDF or Word document; null for "
+                              "formats without pages.")
+    characters: int = Field(description="Characters of text extracted from the file.")
+
+
+class SummarizeDocumentResponse(SummarizeResponse):
+    document: DocumentInfo
+
+
+class SummarizeDocumentForm(BaseModel):
+    """The form fields of ``POST /v1/summarize/document`` next to ``file`` (the same options
+    as /v1/summarize). Form values are text, so numbers and booleans are parsed from it;
+    any other field is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens in the summary.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    model: str | None = Field(None, max_length=256, description="Optional; checked when given.")
+    strategy: SummarizeStrategy = Field("auto", description="As in /v1/summarize.")
+    stream: bool = Field(False, description="As in /v1/summarize: Server-Sent Events.")
+
+
+class SummarizeProgress(BaseModel):
+    """A streamed step of a summary: a round began (``chunks_done`` 0) or one of its pieces
+    is done. The round with ``final: true`` is the one call whose text is the summary."""
+
+    object: Literal["summarize.progress"] = "summarize.progress"
+    round: int = Field(description="1 for the pieces of the text, 2 for pieces of their "
+                       "summaries, ...")
+    chunks_done: int
+    chunks_total: int = Field(description="Pieces in this round.")
+    final: bool = Field(description="True for the last round: one call, whose text streams "
+                        "as summarize.delta events.")
+
+
+class SummarizeDelta(BaseModel):
+    """New text of the final summary, as it is generated."""
+
+    object: Literal["summarize.delta"] = "summarize.delta"
+    delta: str
 
 
 class ModelCard(BaseModel):

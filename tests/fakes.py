@@ -13,14 +13,18 @@ class FakeEngine(Engine):
     """Tokens are characters; the reply echoes the last user message, one char per token."""
 
     def __init__(self, *, ready: bool = True, delay: float = 0.0, fail: BaseException | None = None,
-                 max_context: int = 4096):
+                 max_context: int = 4096, max_batch_size: int = 1):
         self.info = EngineInfo(model_name="thai-qwen-lora", base_model="fake/base", adapter="fake/lora",
-                               device="cpu", dtype="float32", max_context=max_context)
+                               device="cpu", dtype="float32", max_context=max_context,
+                               max_batch_size=max_batch_size)
         self.state = EngineState.LOADING
         self._ready, self.delay, self.fail = ready, delay, fail
         self.started_at = 0.0
         self.requests: list[GenerationRequest] = []
         self.cancelled = 0
+        self.streams: list[_GeneratorStream] = []  # every stream generate() returned
+        self.running = 0  # generations started and not yet ended (finished, failed or closed)
+        self.max_running = 0  # the most that ran at once
 
     async def start(self) -> None:
         import time
@@ -49,7 +53,9 @@ class FakeEngine(Engine):
         if len(request.prompt_ids) + request.params.max_tokens > self.info.max_context:
             raise ContextLengthExceededError("too long")
         self.requests.append(request)
-        return _GeneratorStream(self._run(request))
+        stream = _GeneratorStream(self._run(request))
+        self.streams.append(stream)
+        return stream
 
     async def _run(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         prompt = "".join(chr(i) for i in request.prompt_ids)
@@ -57,6 +63,8 @@ class FakeEngine(Engine):
         n = len(request.prompt_ids)
         emitted = 0
         finished = False
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
         try:
             for i, ch in enumerate(reply[: request.params.max_tokens]):
                 if self.fail is not None and i == 1:
@@ -68,6 +76,7 @@ class FakeEngine(Engine):
                 finished = last
                 yield GenerationChunk(ch, n, emitted, finished=last, finish_reason=reason)
         finally:
+            self.running -= 1
             if not finished:
                 self.cancelled += 1
 
@@ -77,9 +86,15 @@ class _GeneratorStream(GenerationStream):
 
     def __init__(self, chunks: AsyncIterator[GenerationChunk]):
         self._chunks = chunks
+        self.closed = False  # read to its end, failed, or closed: nothing runs for it any more
 
     async def __anext__(self) -> GenerationChunk:
-        return await self._chunks.__anext__()
+        try:
+            return await self._chunks.__anext__()
+        except BaseException:
+            self.closed = True
+            raise
 
     async def aclose(self) -> None:
+        self.closed = True
         await self._chunks.aclose()

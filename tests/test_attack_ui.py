@@ -481,3 +481,68 @@ def test_streamed_results_name_uploads_by_token_even_when_split(tmp_path):
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     assert body == b'data: {"path": "upload/abc/x.txt"}\n\n'
     assert all(k != b"content-length" for k, _ in sent[0]["headers"])
+
+
+# ----------------------------------------------- 7. documents and batch files
+# The summarize tab's file, the batch tab's table, and summarize_file (public by name): each
+# takes a file, so each must take only uploads of this process, whichever way it is called.
+FILE_FUNCTIONS = {"load_document": [], "summarize_file": [16, 0.0], "batch_columns": [],
+                  "run_batch": ["text", 16, 0.0]}
+
+
+def test_file_and_batch_functions_refuse_server_paths(public_ui, adapter_file):
+    config = httpx.get(public_ui.url + "/ui/config").json()
+    deps = {d["api_name"]: d for d in config["dependencies"]}
+    for name, rest in FILE_FUNCTIONS.items():
+        fn = deps[name]
+        for target in (*TARGETS, str(adapter_file), "upload/../../../../etc/passwd",
+                       "http://127.0.0.1:1/x.csv"):
+            data = [{"path": target, "meta": FILE_META, "orig_name": "x.csv"}, *rest]
+            answer = call_function(public_ui.url, fn, data, {})
+            assert answer.startswith("400") and "file_not_allowed" in answer, (name, target, answer)
+            assert secrets_in(answer, adapter_file.read_bytes()[8:40]) == []
+    # By name only summarize_file answers, and it too takes only uploads.
+    r = httpx.post(f"{public_ui.url}{UI}/call/summarize_file", json={
+        "data": [{"path": "/proc/self/environ", "meta": FILE_META}, 16, 0.0]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "file_not_allowed"
+    for name in ("load_document", "batch_columns", "run_batch", "stop_batch", "end_session"):
+        for route in ("call", "run", "api"):
+            r = httpx.post(f"{public_ui.url}{UI}/{route}/{name}", json={"data": []})
+            assert r.status_code == 404, (route, name, r.status_code)
+
+
+def call_in_session(url: str, fn: dict, data: list, session: str, timeout: float = 60) -> str:
+    """A queued call in a given session (the batch tab's events follow each other)."""
+    body = {"fn_index": fn["id"], "data": data, "session_hash": session, "event_data": None,
+            "trigger_id": None}
+    r = httpx.post(f"{url}{UI}/queue/join", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    out = []
+    with httpx.stream("GET", f"{url}{UI}/queue/data", params={"session_hash": session},
+                      timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            out.append(line)
+            if "process_completed" in line:
+                break
+    return "\n".join(out)
+
+
+def test_batch_result_is_an_upload_named_by_token(default_ui):
+    config = httpx.get(default_ui.url + "/ui/config").json()
+    run_batch = next(d for d in config["dependencies"] if d["api_name"] == "run_batch")
+    table = "text\nข่าววันนี้ฝนตกหนัก\nน้ำท่วมหลายพื้นที่\n".encode()
+    r = httpx.post(f"{default_ui.url}{UI}/upload", files={"files": ("rows.csv", table)})
+    assert r.status_code == 200
+    (token,) = r.json()
+    columns = next(d for d in config["dependencies"] if d["api_name"] == "batch_columns")
+    file = {"path": token, "meta": FILE_META, "orig_name": "rows.csv"}
+    session = uuid.uuid4().hex  # the page's order: the upload lists the columns, then run
+    listed = call_in_session(default_ui.url, columns, [file], session)
+    assert '"choices"' in listed and "text" in listed and "/tmp/" not in listed
+    answer = call_in_session(default_ui.url, run_batch, [file, "text", 8, 0.0], session)
+    assert "process_completed" in answer and 'data-state=\\"done\\"' in answer, answer[-2000:]
+    assert "/tmp/" not in answer and "thai-llm-ui-uploads" not in answer
+    (result,) = set(re.findall(r'"path":\s*"(upload/[^"]+-summaries\.csv)"', answer))
+    fetched = httpx.get(f"{default_ui.url}{UI}/file={result}", headers={"Cookie": "s=leak-me"})
+    assert fetched.status_code == 200 and "leak-me" not in str(fetched.headers)
+    assert fetched.content.decode("utf-8-sig").splitlines()[0] == "row,text,summary,error"

@@ -59,8 +59,13 @@ CASES = {
     "mixed Thai, English and emoji": (SUMMARIZE, summarize("ประชุม AI 🤖🇹🇭 meeting ดีมาก 👍🏽 ครับ"), JSON, 200, None),
     "Thai with combining marks out of order": (SUMMARIZE, summarize("ก\u0e48\u0e38ข"), JSON, 200, None),
     "right-to-left and CJK mixed in": (CHAT, chat("สวัสดี مرحبا 你好 שלום"), JSON, 200, None),
-    "one 20,000-letter Thai word": (SUMMARIZE, summarize("ก" * 20_000), JSON, 400, "context_length_exceeded"),
-    "one 150,000-letter Latin word": (SUMMARIZE, summarize("a" * 150_000), JSON, 400, "context_length_exceeded"),
+    # strategy "single": one call, so a text that does not fit is a 400 with the numbers ...
+    "one 20,000-letter Thai word, single call": (SUMMARIZE, summarize("ก" * 20_000, strategy="single"), JSON, 400, "context_length_exceeded"),
+    "one 150,000-letter Latin word, single call": (SUMMARIZE, summarize("a" * 150_000, strategy="single"), JSON, 400, "context_length_exceeded"),
+    # ... "auto" (the default) splits it, even where no sentence or word boundary is
+    "one 20,000-letter Thai word": (SUMMARIZE, summarize("ก" * 20_000), JSON, 200, None),
+    "unknown strategy": (SUMMARIZE, summarize("ข่าว", strategy="map-reduce"), JSON, 400, None),
+    "stream is a string": (SUMMARIZE, summarize("ข่าว", stream="yes"), JSON, 400, None),
     "text over the schema's 200,000 characters": (SUMMARIZE, summarize("ก" * 200_001), JSON, 400, None),
     "body over THAI_MAX_REQUEST_BYTES": (SUMMARIZE, summarize("ข" * 1_000_000), JSON, 413, "request_too_large"),
     "max_tokens above the limit": (CHAT, chat("hi", max_tokens=10**12), JSON, 400, "max_tokens_too_large"),

@@ -125,6 +125,18 @@ def test_summarize_and_the_ui_through_the_front(fleet):
     assert via_front.json()["summary"] == via_replica.json()["summary"]
     assert via_front.json()["usage"] == via_replica.json()["usage"]
 
+    # a long text: the front splits it (its tokenizer), the pieces go to both replicas at once
+    long_text = (REPO / "assets" / "thai_corpus.txt").read_text(encoding="utf-8")[:20000]
+    before = [served(r.url) for r in replicas]
+    long = httpx.post(front.url + "/v1/summarize", timeout=120,
+                      json={"text": long_text, "max_tokens": 16, "temperature": 0})
+    assert long.status_code == 200, long.text
+    result = long.json()
+    assert result["chunks"] > 2 and result["rounds"] >= 2 and result["summary"]
+    shares = [served(r.url) - b for r, b in zip(replicas, before)]
+    assert sum(shares) == result["chunks"] and min(shares) >= 1, shares
+    assert result["usage"]["input_tokens"] > 20000 // 8
+
     ui = Client(front.url + "/ui/", verbose=False, download_files=False)
     summary, usage = ui.predict(text, 12, 0.0, api_name="/summarize")
     assert summary == via_replica.json()["summary"]

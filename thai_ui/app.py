@@ -1,4 +1,4 @@
-"""The Gradio Blocks: model status on top, a Summarize tab and a Chat tab.
+"""The Gradio Blocks: model status on top, a Summarize tab, a Batch tab and a Chat tab.
 
 Built per app (nothing at import time) around a :class:`UIHandlers`, which
 calls the engine in-process. Concurrency limits are off for every event: the
@@ -16,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from api.settings import ModelSettings  # noqa: E402
+from thai_ui.batch import MAX_ROWS, progress_html  # noqa: E402
 from thai_ui.handlers import UIHandlers  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
@@ -25,6 +26,7 @@ EXAMPLES = (("ข่าว / news", "news.txt"), ("รายงาน / report",
 # Summary length presets, in tokens; "custom" leaves the slider where the user put it.
 LENGTHS = {"สั้น / short": 64, "กลาง / medium": 150, "ยาว / long": 300}
 CUSTOM = "กำหนดเอง / max tokens"
+DOCUMENT_LABEL = ".txt .md .html .docx .pdf"
 STATUS_POLL_S = 2.0
 # The live counters (tokenizer + word segmentation, CPU-bound) run one at a time for all
 # visitors together, so anonymous typing can never take more than one core from generation.
@@ -56,10 +58,14 @@ def build_blocks(handlers: UIHandlers, settings: ModelSettings, *,
         with gr.Tabs():
             with gr.Tab("สรุปความ / Summarize", id="summarize"):
                 text, max_tokens, stats = _summarize_tab(handlers, settings)
+            with gr.Tab("สรุปทั้งไฟล์ / Batch", id="batch"):
+                _batch_tab(handlers, settings)
             with gr.Tab("สนทนา / Chat", id="chat"):
                 _chat_tab(handlers, settings)
         blocks.load(handlers.stats_markdown, inputs=[text, max_tokens], outputs=[stats],
                     show_progress="hidden", api_visibility="private", **STATS_CONCURRENCY)
+        # Leaving the page (Gradio's heartbeat ends) cancels the session's batch.
+        blocks.unload(handlers.end_session)
     # Generation is governed by the engine's queue; the queue here only bounds waiting
     # events, and api_open=False keeps queued functions off the direct /run/ route.
     blocks.queue(default_concurrency_limit=None, max_size=queue_max_size, api_open=False)
@@ -89,6 +95,13 @@ def _summarize_tab(handlers: UIHandlers,
                         example_labels=[label for label, _ in examples],
                         label="ตัวอย่าง / Examples")
         with gr.Column(scale=2):
+            # No file_types: a wrong type reaches the handler, which says so in Thai and
+            # English (Gradio's own check, client and server side, speaks English only).
+            document = gr.File(label="หรือเลือกไฟล์ / or choose a file", type="filepath",
+                               file_count="single", height=120, elem_id="document-file")
+            document_hint = (f"รองรับ / accepts {DOCUMENT_LABEL} · ไม่เกิน / at most "
+                             f"{_mib(handlers.document_max_bytes)}")
+            document_info = gr.Markdown(document_hint, elem_id="document-info")
             length = gr.Radio([*LENGTHS, CUSTOM], value="กลาง / medium",
                               label="ความยาวสรุป / summary length")
             max_tokens, temperature = _generation_controls(settings)
@@ -108,7 +121,63 @@ def _summarize_tab(handlers: UIHandlers,
                 **STATS_CONCURRENCY)
     button.click(handlers.summarize, inputs=[text, max_tokens, temperature],
                  outputs=[summary, usage], api_name="summarize", concurrency_limit=None)
+    # A chosen file's text goes into the box (editable; the counters follow it).
+    document.upload(handlers.load_document, inputs=[document], outputs=[text, document_info],
+                    api_visibility="private", concurrency_limit=None)
+    document.clear(lambda: document_hint, outputs=[document_info], api_visibility="private",
+                   queue=False)
+    # API only (gradio_client): a document's summary in one call. The button is never shown.
+    file_button = gr.Button("summarize_file", visible=False, elem_id="summarize-file-api")
+    file_button.click(handlers.summarize_file, inputs=[document, max_tokens, temperature],
+                      outputs=[summary, usage], api_name="summarize_file", concurrency_limit=None)
     return text, max_tokens, stats
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1048576:.1f} MiB" if size >= 1048576 else f"{size / 1024:.0f} KiB"
+
+
+def _batch_tab(handlers: UIHandlers, settings: ModelSettings) -> None:
+    """A CSV/XLSX of texts in, the same file with a summary column out."""
+    gr.Markdown(
+        f"สรุปข้อความทีละแถวจากไฟล์ CSV (UTF-8) หรือ Excel (.xlsx) แถวแรกเป็นชื่อคอลัมน์ "
+        f"ไม่เกิน **{MAX_ROWS:,} แถว** ผลลัพธ์เป็นไฟล์ชนิดเดียวกันที่มีคอลัมน์ summary เพิ่ม  \n"
+        f"Summarize a CSV (UTF-8) or Excel (.xlsx) file row by row: a header row, then one text "
+        f"per row, at most **{MAX_ROWS:,} rows**. You get the same kind of file back with a "
+        f"summary column (and an error column for rows that failed).", elem_id="batch-intro")
+    with gr.Row():
+        with gr.Column(scale=3):
+            table = gr.File(label="ไฟล์ตาราง / table file", type="filepath",
+                            file_count="single", height=120, elem_id="batch-file")
+            table_hint = (f"รองรับ / accepts .csv (UTF-8) .xlsx · ไม่เกิน / at most "
+                          f"{_mib(handlers.document_max_bytes)}, {MAX_ROWS:,} แถว / rows")
+            table_info = gr.Markdown(table_hint, elem_id="batch-file-info")
+            column = gr.Dropdown([], value=None, label="คอลัมน์ข้อความ / text column",
+                                 interactive=True, allow_custom_value=False,
+                                 elem_id="batch-column")
+        with gr.Column(scale=2):
+            length = gr.Radio([*LENGTHS, CUSTOM], value="กลาง / medium",
+                              label="ความยาวสรุป / summary length", elem_id="batch-length")
+            max_tokens, temperature = _generation_controls(settings)
+            max_tokens.value = min(LENGTHS["กลาง / medium"], settings.max_tokens_limit)
+            with gr.Row():
+                run = gr.Button("เริ่มสรุป / Run", variant="primary", elem_id="batch-run")
+                stop = gr.Button("หยุด / Stop", variant="stop", elem_id="batch-stop")
+    progress = gr.HTML(progress_html("idle"), elem_id="batch-progress")
+    result = gr.File(label="ไฟล์ผลลัพธ์ / result file", interactive=False, elem_id="batch-result")
+
+    length.input(lambda choice, current: LENGTHS.get(choice, current), inputs=[length, max_tokens],
+                 outputs=[max_tokens], api_visibility="private", queue=False)
+    max_tokens.input(lambda _: CUSTOM, inputs=[max_tokens], outputs=[length],
+                     api_visibility="private", queue=False)
+    table.upload(handlers.batch_columns, inputs=[table], outputs=[column, table_info],
+                 api_visibility="private", concurrency_limit=None)
+    table.clear(lambda: (gr.update(choices=[], value=None), table_hint), outputs=[column, table_info],
+                api_visibility="private", queue=False)
+    run.click(handlers.run_batch, inputs=[table, column, max_tokens, temperature],
+              outputs=[progress, result], api_visibility="private", concurrency_limit=None,
+              show_progress="hidden")
+    stop.click(handlers.stop_batch, api_visibility="private", queue=False)
 
 
 def _chat_tab(handlers: UIHandlers, settings: ModelSettings) -> None:

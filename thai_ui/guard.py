@@ -11,8 +11,11 @@ Gradio and closes it in one place:
   history, vibe editing, proxies, login forms and the rest answer 404.
 - **Functions**: an event may name (``fn_index``) only functions that run on
   the server; by name (``/call/<name>``, ``/run/<name>``) only the public API
-  (``summarize``, ``chat``). The page's helper functions stay callable by index,
-  because the page itself calls them that way.
+  (:data:`PUBLIC_API`: ``summarize``, ``summarize_file``, ``chat``). The page's helper
+  functions (the file upload's text extraction, the batch tab's run and stop, the
+  counters) stay callable by index, because the page itself calls them that way. A
+  function published under any other name is a startup error: exposing one is a
+  decision made here, not a side effect of an ``api_name``.
 - **Files**: a client may name a file only inside this process's upload
   folder (:class:`~thai_ui.uploads.UploadStore`): every ``"path"`` in an event's
   JSON is checked (and mapped from its ``upload/...`` token back to the real
@@ -64,6 +67,9 @@ FILE_RESPONSE_HEADERS = frozenset({b"content-type", b"content-length", b"content
                                    b"etag", b"content-encoding", b"vary"})
 # GET routes whose bodies carry event results (and so may name uploaded files).
 STREAMED_RESULTS = (f"{API}/queue/data", f"{API}/call/")
+# The only functions gradio_client (or anyone) may call by name. Adding one here is the
+# deliberate step: an event published with another api_name stops the app from starting.
+PUBLIC_API = frozenset({"summarize", "summarize_file", "chat"})
 NAMED_CALL = re.compile(rf"^{API}/(?:call(?:/v2)?|run|api)/([^/]+)/?$")
 MAX_JSON_DEPTH = 64
 
@@ -89,10 +95,15 @@ def refusal_response(exc: RefusedRequest) -> JSONResponse:
 class FunctionPolicy:
     """Which Gradio functions a request may name: by index any with server code, by name the public API."""
 
-    def __init__(self, blocks: Any):
+    def __init__(self, blocks: Any, allowed: frozenset[str] = PUBLIC_API):
         self.callable_ids = frozenset(fid for fid, fn in blocks.fns.items() if fn.fn is not None)
         self.public_names = frozenset(fn.api_name for fn in blocks.fns.values()
                                       if fn.fn is not None and fn.api_visibility == "public")
+        unlisted = self.public_names - allowed
+        if unlisted:
+            raise RuntimeError(f"UI functions published by name but not in thai_ui.guard."
+                               f"PUBLIC_API: {', '.join(sorted(unlisted))}; make them private "
+                               "(api_visibility='private') or list them deliberately")
 
     def check(self, path: str, body: Any) -> None:
         fn_index = body.get("fn_index") if isinstance(body, dict) else None

@@ -68,7 +68,10 @@ def mount_ui(app: FastAPI) -> None:
 
     app.add_middleware(FramePolicyMiddleware, prefix=UI_PATH, origins=server.frame_ancestors)
     app.mount(f"{UI_PATH}/{FONT_SUBPATH}", StaticFiles(directory=FONT_DIR), name="ui-fonts")
-    handlers = UIHandlers(app.state.serving)
+    # A file the UI reads can be no larger than one upload (the app's body limit for
+    # /ui/gradio_api/upload, THAI_MAX_REQUEST_BYTES) and THAI_DOCUMENT_MAX_BYTES.
+    handlers = UIHandlers(app.state.serving, uploads=uploads,
+                          upload_max_bytes=server.max_request_bytes)
     blocks = build_blocks(handlers, settings.model,
                           queue_max_size=server.ui_queue_max_size)
     gr.mount_gradio_app(app, blocks, path=UI_PATH, theme=build_theme(), css=build_css(),

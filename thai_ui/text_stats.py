@@ -63,6 +63,9 @@ class TextStats:
     # accepts: then nothing is counted, so a pasted 2 MB text costs no segmentation.
     too_long: int | None = None
     max_chars: int | None = None
+    # Longer than one summarization call reads (THAI_SUMMARY_CHUNK_TOKENS, or past the
+    # context): the serving layer summarizes it in chunks, so it is not "too long".
+    chunked: bool = False
 
     @property
     def over_limit(self) -> bool:
@@ -79,8 +82,10 @@ class TextStats:
             parts.append("โทเค็น / tokens: — (รอโมเดล / model loading)")
         else:
             limit = f" / {self.token_limit:,}" if self.token_limit is not None else ""
-            warn = " ⚠ ยาวเกินไป / too long" if self.over_limit else ""
+            warn = " ⚠ ยาวเกินไป / too long" if self.over_limit and not self.chunked else ""
             parts.append(f"โทเค็น / tokens: **{self.tokens:,}**{limit}{warn}")
+            if self.chunked:
+                parts.append("ยาว จะสรุปทีละส่วน / long: summarized in chunks")
         return " · ".join(parts)
 
 

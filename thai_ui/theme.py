@@ -67,4 +67,15 @@ def build_css() -> str:
 #model-status .banner.ready {{ background: #ccfbf1; color: #134e4a; }}
 #model-status .banner.demo {{ background: #fee2e2; color: #7f1d1d; border: 2px solid #f87171; }}
 #model-status .banner.error {{ background: #fee2e2; color: #7f1d1d; }}
+#batch-progress .batch-progress {{
+  padding: 0.6em 1em; border-radius: 8px; background: var(--block-background-fill);
+  border: 1px solid var(--block-border-color);
+}}
+#batch-progress .batch-state {{ font-weight: 600; }}
+#batch-progress progress {{
+  width: 100%; height: 14px; margin: 0.4em 0; accent-color: #0d9488;
+}}
+#batch-progress [data-state="stopped"] .batch-state {{ color: #92400e; }}
+#batch-progress [data-state="failed"] .batch-state {{ color: #b91c1c; }}
+#batch-progress .batch-note {{ color: var(--body-text-color-subdued); }}
 """

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from api.errors import ClientDisconnectedError
 from api.serving import Serving
@@ -57,3 +58,57 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def event_stream_response(request: Request, events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response of ``events`` that stops them as soon as the client goes away."""
+    return StreamingResponse(close_on_disconnect(request, events), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+async def close_on_disconnect(request: Request, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``events``, closed when the client disconnects, even while no event is due.
+
+    A long summary sends nothing while a round's pieces are generated (minutes, for a
+    long document); a disconnect noticed only at the next send would leave all of them
+    running for nobody. The request body has been read by now, so ``receive`` only
+    reports the disconnect.
+    """
+    started = time.monotonic()
+
+    async def _disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def _next() -> str | None:
+        try:
+            return await events.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    watcher = asyncio.ensure_future(_disconnected())
+    step: asyncio.Future | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(_next())
+            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                log.info("client disconnected after %.1fs; %s %s stream cancelled",
+                         time.monotonic() - started, request.method, request.url.path)
+                return
+            item = step.result()
+            step = None
+            if item is None:
+                return
+            yield item
+    finally:
+        watcher.cancel()
+        if step is not None and not step.done():
+            step.cancel()  # the events' own clean-up (closing generations) runs in it
+            await asyncio.wait({step})
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()

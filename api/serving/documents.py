@@ -1,0 +1,61 @@
+"""Summaries of files: text extracted from the upload (off the event loop), then
+summarized like ``/v1/summarize`` does, long documents in pieces."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from api.documents.errors import DocumentTooLargeError, EmptyDocumentError
+from api.documents.extract import ExtractedDocument, extract_document
+from api.engine import Engine
+from api.protocol import DocumentInfo, SummarizeDocumentResponse
+from api.serving.summarize import ProgressCallback, SummarizeServing, SummaryOptions, SummaryRun, summary_sse
+from api.settings import ModelSettings, ServerSettings
+from api.text import is_blank
+
+DEFAULT_DOCUMENT_MAX_BYTES: int = ServerSettings.model_fields["document_max_bytes"].default
+DEFAULT_DOCUMENT_MAX_PAGES: int = ServerSettings.model_fields["document_max_pages"].default
+
+
+class DocumentServing(SummarizeServing):
+    """``POST /v1/summarize/document``: extract, then summarize."""
+
+    def __init__(self, engine: Engine, settings: ModelSettings, *,
+                 document_max_bytes: int | None = None, document_max_pages: int | None = None):
+        super().__init__(engine, settings)
+        self.document_max_bytes = document_max_bytes or DEFAULT_DOCUMENT_MAX_BYTES
+        self.document_max_pages = document_max_pages or DEFAULT_DOCUMENT_MAX_PAGES
+
+    async def extract_document(self, data: bytes, filename: str) -> ExtractedDocument:
+        """The file's text (``api.documents.extract``), parsed in a worker thread: PDF
+        parsing is CPU-bound and would stall every stream on the event loop."""
+        if not data:
+            raise EmptyDocumentError("The file is empty (0 bytes); upload the document to "
+                                     "summarize.")
+        if len(data) > self.document_max_bytes:
+            raise DocumentTooLargeError(len(data), self.document_max_bytes)
+        return await asyncio.to_thread(extract_document, data, filename,
+                                       max_bytes=self.document_max_bytes,
+                                       max_pages=self.document_max_pages)
+
+    async def start_document_summary(self, data: bytes, filename: str,
+                                     options: SummaryOptions) -> SummaryRun:
+        """Admit and start the summary of a file (errors, extraction's too, raise here)."""
+        self.summary_params(options)  # a wrong model or max_tokens fails before the parsing
+        document = await self.extract_document(data, filename)
+        if is_blank(document.text):
+            raise EmptyDocumentError("No text could be extracted from the file.")
+        info = DocumentInfo(filename=document.filename, kind=document.kind, pages=document.pages,
+                            characters=document.characters)
+        return await self.start_summary(document.text, options, document=info)
+
+    async def summarize_document(self, data: bytes, filename: str, options: SummaryOptions, *,
+                                 on_progress: ProgressCallback | None = None) -> SummarizeDocumentResponse:
+        run = await self.start_document_summary(data, filename, options)
+        return await run.response(on_progress)
+
+    async def summarize_document_stream(self, data: bytes, filename: str,
+                                        options: SummaryOptions) -> AsyncIterator[str]:
+        """Admit now (errors raise before streaming), then yield SSE ``data:`` lines."""
+        return summary_sse(await self.start_document_summary(data, filename, options))
