@@ -32,6 +32,7 @@ from bench.servers import ServerPool
 
 
 def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample over the series whose labels include ``labels``."""
     total = 0.0
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         match = re.fullmatch(r"(\S+?)(?:\{(.*)\})? (\S+)", line)

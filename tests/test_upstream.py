@@ -10,7 +10,6 @@ mid-load, both killed, and one restarted.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import threading
@@ -22,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from bench.upstream_hop import metric
 from tests.support import REPO, ServerProcess, free_port, start_server
 
 HEALTH_INTERVAL_S = 0.3
@@ -40,21 +40,6 @@ def front_env(model_env: dict[str, str], urls: list[str], **extra: str) -> dict[
             "THAI_LORA_PATH": model_env["THAI_LORA_PATH"], "THAI_METRICS_PUBLIC": "true",
             "THAI_UPSTREAM_HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S),
             "THAI_RATE_LIMIT_PER_MINUTE": "0", "THAI_REQUIRE_MODEL": "true", **extra}
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus sample over the series whose labels include ``labels``."""
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if not line.startswith(name):
-            continue
-        match = re.fullmatch(r"(\S+?)(?:\{(.*)\})? (\S+)", line)
-        if not match or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(3))
-    return total
 
 
 def served(url: str) -> float:

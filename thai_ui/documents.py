@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
-import threading
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
@@ -31,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from api.batch.formats import BatchUsageError, CsvSink, TableInput, XlsxSink
+from thai_ui.worker_process import SpawnedWorker
 
 log = logging.getLogger("thai.ui.documents")
 
@@ -216,41 +214,22 @@ class UITable(TableInput):
 
 # ============================================================== the worker
 class FileWorker:
-    """One process, started on first use (``spawn``: forking a process that runs the
-    engine's threads is unsafe), that runs the jobs above one at a time."""
+    """The file jobs above in one :class:`SpawnedWorker` process, one at a time, with a time
+    limit; a reader that dies or overruns is the file's fault, told as such."""
 
     def __init__(self, timeout_s: float = JOB_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def _executor(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            return self._pool
+        self._worker = SpawnedWorker("file-reading")
 
     async def run(self, job, *args):
         """``job(*args)`` in the worker process; its :class:`FileJobError` raises here."""
-        for attempt in (1, 2):
-            try:
-                future = self._executor().submit(job, *args)
-                return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
-            except BrokenProcessPool:  # the worker died (killed, out of memory): start anew
-                log.warning("the file-reading process died; starting a new one")
-                with self._lock:
-                    self._pool = None
-                if attempt == 2:
-                    raise FileJobError("document_too_complex",
-                                       "Reading the file stopped the reader.") from None
-            except asyncio.TimeoutError:
-                raise FileJobError("document_too_complex", f"Reading the file took over "
-                                   f"{self.timeout_s:.0f} s.") from None
-        raise AssertionError("unreachable")
+        try:
+            return await self._worker.acall(job, *args, timeout=self.timeout_s)
+        except BrokenProcessPool:
+            raise FileJobError("document_too_complex", "Reading the file stopped the reader.") from None
+        except asyncio.TimeoutError:
+            raise FileJobError("document_too_complex", f"Reading the file took over "
+                               f"{self.timeout_s:.0f} s.") from None
 
     def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._worker.close()

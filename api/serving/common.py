@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,13 +142,17 @@ class ServingBase:
         return await self.collect(self.engine.generate(gen))
 
     @staticmethod
-    async def collect(stream: GenerationStream) -> Completion:
-        """Read ``stream`` to its end (closing it whatever happens) into one completion."""
+    async def collect(stream: GenerationStream,
+                      on_text: Callable[[str], None] | None = None) -> Completion:
+        """Read ``stream`` to its end (closing it whatever happens) into one completion;
+        ``on_text`` sees each new piece of text as it arrives."""
         parts: list[str] = []
         last: GenerationChunk | None = None
         try:
             async for chunk in stream:
                 parts.append(chunk.text)
+                if chunk.text and on_text is not None:
+                    on_text(chunk.text)
                 last = chunk
         finally:
             await stream.aclose()

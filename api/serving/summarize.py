@@ -406,19 +406,7 @@ class SummarizeServing(ServingBase):
                                 messages=messages)
         stream = await (self.open_stream(gen) if round_ == 1 else self._open_retrying(gen))
         emit(SummarizeProgress(round=round_, chunks_done=0, chunks_total=1, final=True))
-        parts: list[str] = []
-        last = None
-        try:
-            async for chunk in stream:
-                if chunk.text:
-                    parts.append(chunk.text)
-                    emit(SummarizeDelta(delta=chunk.text))
-                last = chunk
-        finally:
-            await stream.aclose()
-        assert last is not None and last.finished
-        return Completion("".join(parts), last.prompt_tokens, last.completion_tokens,
-                          last.finish_reason or "stop")
+        return await self.collect(stream, lambda text: emit(SummarizeDelta(delta=text)))
 
     async def _piece_request(self, piece: str, params: SamplingParams) -> GenerationRequest:
         messages = self._prompt_messages(piece)

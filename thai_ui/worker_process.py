@@ -1,0 +1,70 @@
+"""One helper process for work that must not hold the serving process's GIL.
+
+PyThaiNLP's segmenter, ``grapheme`` and the document parsers are pure Python: run in a
+thread, a long text or a big PDF starves the event loop and the engine's worker thread of
+the interpreter. In a process of its own such work costs a core at most. The process is
+started on first use (``spawn``: forking a process that runs the engine's threads is
+unsafe), started anew once if it died (killed, out of memory), and stopped by ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
+
+log = logging.getLogger("thai.ui")
+
+
+class SpawnedWorker:
+    """Runs jobs one at a time in a single spawned process (``what`` names it in the log)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def _died(self, attempt: int) -> bool:
+        """Forget the dead process; True when the job should be tried once more."""
+        log.warning("the %s process died; starting a new one", self.what)
+        with self._lock:
+            self._pool = None
+        return attempt == 1
+
+    def call(self, job: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        """``job(*args)`` in the process, waiting (blocking) up to ``timeout`` seconds."""
+        for attempt in (1, 2):
+            try:
+                return self._executor().submit(job, *args).result(timeout)
+            except BrokenProcessPool:
+                if not self._died(attempt):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def acall(self, job: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        """``job(*args)`` in the process, awaited up to ``timeout`` seconds."""
+        for attempt in (1, 2):
+            try:
+                future = self._executor().submit(job, *args)
+                return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            except BrokenProcessPool:
+                if not self._died(attempt):
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
