@@ -435,12 +435,17 @@ def install_proxy_guards(app, settings) -> None:
     app.add_middleware(TrustedProxyMiddleware, trusted=list(settings.server.forwarded_allow_ips))
 
 
-def install_http_guards(app, settings) -> None:
-    """Add the guards outermost-last (call after CORS, so they wrap it)."""
+def install_http_guards(app, settings, upload_paths: tuple[str, ...] = ()) -> None:
+    """Add the guards outermost-last (call after CORS, so they wrap it).
+
+    ``upload_paths``: routes besides :data:`DOCUMENT_UPLOAD_PATH` whose bodies are files
+    (the UI's upload route), given the document limit instead of THAI_MAX_REQUEST_BYTES.
+    """
     server = settings.server
+    file_limit = (document_body_limit(server.document_max_bytes),
+                  "THAI_DOCUMENT_MAX_BYTES plus 64 KiB for the form")
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes, path_limits={
-        DOCUMENT_UPLOAD_PATH: (document_body_limit(server.document_max_bytes),
-                               "THAI_DOCUMENT_MAX_BYTES plus 64 KiB for the form")})
+        path: file_limit for path in (DOCUMENT_UPLOAD_PATH, *upload_paths)})
     if server.log_prompts:
         app.add_middleware(PromptLogMiddleware)
     app.add_middleware(RequestIdMiddleware)

@@ -78,7 +78,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                        expose_headers=["X-Request-ID", "Retry-After"])
     install_lifecycle(app, settings)
     install_body_timeout(app, settings)  # inside the guards: its 408 gets the id and headers
-    install_http_guards(app, settings)
+    upload_paths: tuple[str, ...] = ()
+    if settings.server.enable_ui:  # its upload route takes files: the document limit applies
+        from thai_ui.mount import UPLOAD_ROUTE
+
+        upload_paths = (UPLOAD_ROUTE,)
+    install_http_guards(app, settings, upload_paths=upload_paths)
 
     app.include_router(info.router, tags=["info"])
     app.include_router(openai_chat.router, tags=["openai"])

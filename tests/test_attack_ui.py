@@ -52,7 +52,9 @@ def public_ui(model_env, tmp_path_factory, upload_root):
     env = {**model_env, "THAI_API_KEYS": KEY, "THAI_UI_UPLOAD_DIR": str(upload_root),
            # The enumeration below makes a few hundred calls: not what this test measures.
            "THAI_UI_RATE_LIMIT_PER_MINUTE": "100000", "THAI_UI_RATE_LIMIT_BURST": "100000",
-           "THAI_UI_UPLOAD_QUOTA_BYTES": "300000", "THAI_MAX_REQUEST_BYTES": "200000"}
+           "THAI_UI_UPLOAD_QUOTA_BYTES": "300000", "THAI_MAX_REQUEST_BYTES": "200000",
+           # uploads are files: their limit is the document one (plus 64 KiB of form)
+           "THAI_DOCUMENT_MAX_BYTES": "150000"}
     server = start_server(env, tmp_path_factory.mktemp("public-ui"))
     yield server
     server.stop()
@@ -350,7 +352,7 @@ def test_uploads_need_a_length_and_fit_the_limits(public_ui, upload_root):
                    headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert r.status_code == 411
     r = httpx.post(f"{public_ui.url}{UI}/upload", files={"files": ("big.txt", b"x" * 250_000)})
-    assert r.status_code == 413
+    assert r.status_code == 413 and "THAI_DOCUMENT_MAX_BYTES" in r.json()["error"]["message"]
     assert files_under(folder) == before, "a refused upload leaves nothing behind"
 
 

@@ -644,6 +644,8 @@ def test_live_generated_nginx_admits_documents_up_to_their_own_limit(long_server
     site = (out / "thai-model-api.nginx").read_text()
     limit = int(LIVE_ENV["THAI_DOCUMENT_MAX_BYTES"]) + 64 * 1024
     assert f"client_max_body_size {limit};" in site and "client_max_body_size 65536;" in site
+    ui_upload = site.split("location = /ui/gradio_api/upload {", 1)[1].split("}", 1)[0]
+    assert f"client_max_body_size {limit};" in ui_upload, "the UI's uploads are documents too"
     assert f"THAI_DOCUMENT_MAX_BYTES={LIVE_ENV['THAI_DOCUMENT_MAX_BYTES']}" in \
         (out / "thai-model-api.env").read_text()
     nginx = start_nginx(nginx_wrapper(tmp_path / "nginx", out / "thai-model-api.nginx"), [port])

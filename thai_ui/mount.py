@@ -42,6 +42,7 @@ from starlette.routing import Mount
 log = logging.getLogger("thai.ui")
 
 UI_PATH = "/ui"
+UPLOAD_ROUTE = f"{UI_PATH}/gradio_api/upload"  # its body limit is THAI_DOCUMENT_MAX_BYTES
 SWEEP_INTERVAL_S = 60.0
 SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/root", "/home", "/boot", "/run", "/var",
                "/usr", "/opt", "/srv", "/mnt", "/media", "/snap")
@@ -68,16 +69,16 @@ def mount_ui(app: FastAPI) -> None:
 
     app.add_middleware(FramePolicyMiddleware, prefix=UI_PATH, origins=server.frame_ancestors)
     app.mount(f"{UI_PATH}/{FONT_SUBPATH}", StaticFiles(directory=FONT_DIR), name="ui-fonts")
-    # A file the UI reads can be no larger than one upload (the app's body limit for
-    # /ui/gradio_api/upload, THAI_MAX_REQUEST_BYTES) and THAI_DOCUMENT_MAX_BYTES.
+    # Uploads are files (documents, tables): the app's body limit for UPLOAD_ROUTE is
+    # THAI_DOCUMENT_MAX_BYTES plus the form, as for /v1/summarize/document.
     handlers = UIHandlers(app.state.serving, uploads=uploads,
-                          upload_max_bytes=server.max_request_bytes)
+                          upload_max_bytes=server.document_max_bytes)
     blocks = build_blocks(handlers, settings.model,
                           queue_max_size=server.ui_queue_max_size)
     gr.mount_gradio_app(app, blocks, path=UI_PATH, theme=build_theme(), css=build_css(),
                         head=build_head(), footer_links=["api"], run_history=False,
                         ssr_mode=False, mcp_server=False, show_error=False,
-                        enable_monitoring=False, max_file_size=server.max_request_bytes,
+                        enable_monitoring=False, max_file_size=server.document_max_bytes,
                         allowed_paths=[], blocked_paths=blocked_paths(settings, uploads.dir))
     # Gradio bug (6.31): mount_gradio_app never sets has_launched, and every file path
     # check is skipped until it is set. Nothing of the developer's own is checked after
