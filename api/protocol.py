@@ -308,11 +308,79 @@ class ModelCard(BaseModel):
                              "Face hub id; null for a model loaded from a local folder (server paths "
                              "are never shown).")
     demo: bool = Field(False, description="True when serving the offline demo checkpoint.")
+    max_model_len: int = Field(description="The context window in tokens (vLLM's field): prompt "
+                               "plus completion must fit it.")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ------------------------------------------------------- /tokenize, /detokenize (vLLM's)
+MAX_DETOKENIZE_TOKENS = 131_072
+MAX_TOKENIZE_CHARS = 1_000_000
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: either ``prompt`` (a plain text) or ``messages`` (a chat, through
+    the same normalization and chat template as ``/v1/chat/completions``), not both.
+
+    The two shapes are vLLM's ``TokenizeCompletionRequest`` and ``TokenizeChatRequest``; one
+    strict model here so a body with both, or neither, is a clear 400 instead of whichever
+    shape happened to validate.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _valid_input = model_validator(mode="before")(check_json_input)
+
+    model: str | None = Field(None, max_length=256, description="Served model name; checked when given.")
+    prompt: str | None = Field(None, max_length=MAX_TOKENIZE_CHARS,
+                               description="Text to tokenize (exclusive with messages).")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=512,
+        description="Chat messages to tokenize with the chat template (exclusive with prompt).")
+    add_generation_prompt: bool | None = Field(
+        None, description="messages only: end with the assistant turn's header, as a chat "
+        "completion does (default true).")
+    add_special_tokens: bool | None = Field(
+        None, description="Add the tokenizer's special tokens (BOS, if it has one); default "
+        "true for prompt, false for messages (the chat template has its own).")
+    return_token_strs: bool = Field(False, description="Also return each token as a string.")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` (text) or `messages` (a chat)")
+        if self.prompt is not None and self.add_generation_prompt is not None:
+            raise ValueError("`add_generation_prompt` applies to `messages` only")
+        return self
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = Field(None, description="Present when return_token_strs was set.")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    _valid_input = model_validator(mode="before")(check_json_input)
+
+    model: str | None = Field(None, max_length=256, description="Served model name; checked when given.")
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE_TOKENS,
+                              description=f"Token ids, at most {MAX_DETOKENIZE_TOKENS}.")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class UpstreamState(BaseModel):

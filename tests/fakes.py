@@ -25,6 +25,7 @@ class FakeEngine(Engine):
         self.streams: list[_GeneratorStream] = []  # every stream generate() returned
         self.running = 0  # generations started and not yet ended (finished, failed or closed)
         self.max_running = 0  # the most that ran at once
+        self.encode_calls: list[tuple] = []  # encode / encode_messages calls and their options
 
     async def start(self) -> None:
         import time
@@ -46,6 +47,36 @@ class FakeEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(text)
+
+    # /tokenize, /detokenize: characters are tokens (ids are code points); the options the
+    # serving layer passed are recorded, since a character tokenizer has no special tokens.
+    VOCAB_SIZE = 0x110000
+
+    def _check_ready(self) -> None:
+        if self.state is not EngineState.READY:
+            from api.engine.errors import ModelNotReadyError
+
+            raise ModelNotReadyError("the model is still loading")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self._check_ready()
+        self.encode_calls.append(("encode", add_special_tokens))
+        return [ord(c) for c in text]
+
+    def encode_messages(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False) -> list[int]:
+        self.encode_calls.append(("encode_messages", add_generation_prompt, add_special_tokens))
+        ids = self.encode_chat(messages)
+        return ids if add_generation_prompt else ids[:-1]  # something visibly different
+
+    def decode(self, ids: Sequence[int]) -> str:
+        self._check_ready()
+        return "".join(chr(i) for i in ids)
+
+    @property
+    def vocab_size(self) -> int:
+        self._check_ready()
+        return self.VOCAB_SIZE
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         from api.engine.errors import ContextLengthExceededError

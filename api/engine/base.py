@@ -42,11 +42,30 @@ class EngineInfo:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, str]], *,
+                    add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the chat template applied to ``messages``, generation prompt added."""
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
                                         tokenize=True, return_dict=False)
     return list(ids)
+
+
+def chat_template_ids(tokenizer, messages: Sequence[dict[str, str]], *,
+                      add_generation_prompt: bool = True,
+                      add_special_tokens: bool = False) -> list[int]:
+    """The chat template's ids as ``/tokenize`` makes them (vLLM: the template rendered to
+    text, then tokenized with ``add_special_tokens``). Without special tokens, the very ids
+    :func:`chat_prompt_ids` gives a chat completion."""
+    if not add_special_tokens:
+        return chat_prompt_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def tokenizer_vocab_size(tokenizer) -> int:
+    """Every id the tokenizer can decode: the base vocabulary and the added tokens."""
+    return len(tokenizer)
 
 
 def check_context(max_context: int, prompt_tokens: int, max_tokens: int) -> None:
@@ -120,6 +139,35 @@ class Engine(abc.ABC):
         synchronously, so the caller can answer with the right status before
         streaming; leaving the iteration early cancels the generation.
         """
+
+    # ------------------------------------------------- /tokenize, /detokenize
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a plain ``text`` (``add_special_tokens``: BOS and the like, if the
+        tokenizer has any)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot tokenize plain text")
+
+    def encode_messages(self, messages: Sequence[dict[str, str]], *,
+                        add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False) -> list[int]:
+        """The chat template's ids with the ``/tokenize`` options; the defaults give
+        :meth:`encode_chat`'s ids (what a chat completion's usage counts)."""
+        if add_generation_prompt and not add_special_tokens:
+            return self.encode_chat(messages)
+        raise NotImplementedError(f"{type(self).__name__} supports only the default chat "
+                                  "tokenization options")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ``ids`` (each within ``range(vocab_size)``; callers check)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot decode token ids")
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids exist (``0 .. vocab_size - 1``), added tokens included."""
+        raise NotImplementedError(f"{type(self).__name__} has no vocabulary size")
+
+    def max_model_len(self) -> int:
+        """The context window, as ``/tokenize`` and the model cards report it."""
+        return self.info.max_context
 
     def worker_error(self) -> BaseException | None:
         """What killed the engine's worker after loading, if anything did."""

@@ -15,7 +15,9 @@ from api.engine.base import (
     EngineState,
     GenerationStream,
     chat_prompt_ids,
+    chat_template_ids,
     check_context,
+    tokenizer_vocab_size,
 )
 from api.engine.errors import (
     EngineDeadError,
@@ -119,6 +121,22 @@ class TransformersEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(self._require_bundle().tokenizer.encode(text, add_special_tokens=False))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._require_bundle().tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_messages(self, messages: Seq[dict[str, str]], *, add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False) -> list[int]:
+        return chat_template_ids(self._require_bundle().tokenizer, messages,
+                                 add_generation_prompt=add_generation_prompt,
+                                 add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Seq[int]) -> str:
+        return self._require_bundle().tokenizer.decode(list(ids))
+
+    @property
+    def vocab_size(self) -> int:
+        return tokenizer_vocab_size(self._require_bundle().tokenizer)
 
     # ----------------------------------------------------------- generation
     def generate(self, request: GenerationRequest) -> "LocalGenerationStream":

@@ -6,22 +6,37 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from api import __version__
 from api.engine import EngineState
+from api.errors import ModelNotFoundError
 from api.protocol import ErrorResponse, HealthResponse, ModelCard, ModelList, ServerInfo
 from api.serving import public_base_model, public_failure
 
 router = APIRouter()
+
+
+class _ModelNameConvertor(PathConvertor):
+    """A model name in a path: slashes allowed (``org/name``), never empty, so ``/v1/models/``
+    still gets Starlette's slash redirect to ``/v1/models``."""
+
+    regex = ".+"
+
+
+register_url_convertor("model_name", _ModelNameConvertor())
 
 ENDPOINTS = {
     "GET /": "Server information and available endpoints",
     "GET /health": "Liveness: health check and model status",
     "GET /ready": "Readiness: 503 while loading, draining or failed",
     "GET /v1/models": "List available models (OpenAI-compatible)",
+    "GET /v1/models/{model}": "One model's card; 404 model_not_found for another name",
     "POST /v1/chat/completions": "OpenAI-compatible chat completions (streaming too)",
     "POST /v1/summarize": "Thai text summarization (long texts in pieces; stream for progress)",
     "POST /v1/summarize/document": "Summarize a file: .pdf, .docx, .html, .md, .txt (multipart)",
+    "POST /tokenize": "Token ids of a text or a chat, as a chat completion counts them (vLLM)",
+    "POST /detokenize": "Text of token ids (vLLM)",
     "GET /docs": "Interactive API documentation (Swagger UI)",
     "GET /redoc": "Alternative API documentation",
     "GET /metrics": "Prometheus metrics",
@@ -69,9 +84,26 @@ async def health(request: Request):
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 
 
+def model_card(request: Request) -> ModelCard:
+    engine = request.app.state.engine
+    info = engine.info
+    return ModelCard(id=info.model_name, created=info.created, root=public_base_model(info.base_model),
+                     demo=info.demo, max_model_len=engine.max_model_len())
+
+
 @router.get("/v1/models", response_model=ModelList, summary="List models (OpenAI-compatible)",
             responses={401: {"model": ErrorResponse}})
 async def list_models(request: Request) -> ModelList:
-    info = request.app.state.engine.info
-    return ModelList(data=[ModelCard(id=info.model_name, created=info.created,
-                                     root=public_base_model(info.base_model), demo=info.demo)])
+    return ModelList(data=[model_card(request)])
+
+
+@router.get("/v1/models/{model:model_name}", response_model=ModelCard,
+            summary="Retrieve a model (OpenAI-compatible)",
+            responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """The served model's card; any other name is a 404 ``model_not_found`` (the ``openai``
+    client raises ``NotFoundError``)."""
+    card = model_card(request)
+    if model != card.id:
+        raise ModelNotFoundError(model, card.id)
+    return card

@@ -11,6 +11,7 @@ One module per endpoint family (as vLLM's ``entrypoints/openai`` does):
 - :mod:`api.serving.summarize`: ``/v1/summarize``, long texts in pieces
   (:class:`SummaryRun`: progress events, the final summary's text as it comes).
 - :mod:`api.serving.documents`: ``/v1/summarize/document``.
+- :mod:`api.serving.tokenize`: ``/tokenize``, ``/detokenize`` (vLLM's).
 
 :class:`Serving` puts them together: one object per app (``app.state.serving``).
 """
@@ -29,16 +30,17 @@ from api.serving.common import (
 )
 from api.serving.documents import DocumentServing
 from api.serving.summarize import SummaryEvent, SummaryOptions, SummaryRun, sse_event
+from api.serving.tokenize import TokenizeServing
 from api.settings import ModelSettings
 
 __all__ = [
     "INLINE_ENCODE_CHARS", "Completion", "DocumentServing", "Serving", "ServingBase",
     "SummaryEvent", "SummaryOptions", "SummaryRun", "private_paths", "public_base_model",
-    "public_failure", "sse_event",
+    "public_failure", "sse_event", "TokenizeServing",
 ]
 
 
-class Serving(ChatServing, DocumentServing):
+class Serving(TokenizeServing, ChatServing, DocumentServing):
     """Shared by the OpenAI routes, the summarize routes, the UI and the batch runner."""
 
     def __init__(self, engine: Engine, settings: ModelSettings, *,
