@@ -210,6 +210,109 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+# ------------------------------------------------------------ /v1/completions (legacy)
+MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_TOKEN_IDS = 131_072
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy completion request as vLLM serves it, one prompt per request.
+
+    ``prompt`` is a text or a list of token ids (or a list holding exactly one of those).
+    Fields this server does not honour are refused by the serving layer (a 400 naming
+    them) unless the engine is an upstream one, which passes them on; their no-op values
+    (``n: 1``, ``logprobs: null``, ``best_of: 1``, zero penalties) are always accepted.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    _valid_input = model_validator(mode="before")(check_json_input)
+
+    model: str | None = Field(None, max_length=256, description="Served model name.")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A text, or a list of token ids; a list of several prompts is refused.")
+    suffix: str | None = Field(None, description="Not supported (a 400 when given).")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, description="Up to 8 stop strings.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = Field(False, description="Put the prompt's text before the completion.")
+    user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
+    n: int = Field(1, ge=1, description="Only 1 is supported.")
+    best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    logprobs: int | None = Field(None, ge=0, description="Not supported (only null).")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM extensions, and ours (off unless asked: plain completions block no n-grams).
+    min_tokens: int = Field(0, ge=0, description="Generate at least this many tokens (vLLM).")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (vLLM).")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=32, description="Extension; 0: off.")
+
+    _check_stop = field_validator("stop")(ChatCompletionRequest._check_stop.__func__)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> str | list[int]:
+        if isinstance(value, list) and value and not isinstance(value[0], int):
+            if len(value) != 1:
+                raise ValueError(f"{len(value)} prompts given: one prompt per request is "
+                                 "supported here")
+            value = value[0]
+        if isinstance(value, str):
+            if len(value) > MAX_PROMPT_CHARS:
+                raise ValueError(f"at most {MAX_PROMPT_CHARS} characters")
+        elif len(value) > MAX_PROMPT_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_PROMPT_TOKEN_IDS} token ids")
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+    def unhonoured_fields(self) -> dict[str, object]:
+        """Fields sent with a value this server does not act on: the unknown ones, and the
+        known ones away from their no-op values."""
+        fields = dict(self.model_extra or {})
+        for name, no_op in (("n", 1), ("best_of", 1), ("logprobs", None),
+                            ("frequency_penalty", 0), ("presence_penalty", 0)):
+            value = getattr(self, name)
+            if value is not None and value != no_op:
+                fields[name] = value
+        return fields
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+def _text_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=_text_completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    """One SSE chunk: a text delta, the finish reason (last chunk), or the usage (no choices)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 SummarizeStrategy = Literal["auto", "single"]
 
 

@@ -24,7 +24,7 @@ from api.errors import install_error_handlers
 from api.http_protocol import install_body_timeout
 from api.lifecycle import install_lifecycle
 from api.middleware import install_http_guards, install_proxy_guards
-from api.routes import documents, info, openai_chat, summarize, tokenize
+from api.routes import completions, documents, info, openai_chat, summarize, tokenize
 from api.security import install_access_control
 from api.serving import Serving
 from api.settings import Settings
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.include_router(info.router, tags=["info"])
     app.include_router(openai_chat.router, tags=["openai"])
+    app.include_router(completions.router, tags=["openai"])
     app.include_router(summarize.router, tags=["thai"])
     app.include_router(documents.router, tags=["thai"])
     app.include_router(tokenize.router, tags=["vllm"])

@@ -88,3 +88,39 @@ def test_settings_need_upstreams_for_the_openai_engine():
     with pytest.raises(SettingsError) as hidden:
         Settings.from_overrides({"upstream_api_key": 5})
     assert "<hidden>" in str(hidden.value)
+
+
+def test_a_plain_prompt_goes_to_the_upstreams_completions_as_token_ids():
+    from api.engine.upstream_engine import UpstreamStream
+
+    engine = UpstreamEngine(ModelSettings(engine="openai", upstream_urls=["http://u:1"],
+                                          upstream_model="thai-qwen-lora"))
+    request = GenerationRequest(prompt_ids=[5, 6, 7], params=SamplingParams(max_tokens=4, temperature=0.0,
+                                                                             top_p=1.0),
+                                passthrough={"logit_bias": {"5": 1}}, plain_prompt=True)
+    assert engine.body(request) == {"logit_bias": {"5": 1}, "model": "thai-qwen-lora",
+                                    "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.0,
+                                    "top_p": 1.0, "stream": True,
+                                    "stream_options": {"include_usage": True}}
+    stream = UpstreamStream(engine, request)
+    assert stream.path == "/v1/completions"
+
+    events = [{"choices": [{"index": 0, "text": "ก"}]}, {"choices": [{"index": 0, "text": "ข"}]},
+              {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]},
+              {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}]
+
+    async def lines():
+        for event in events:
+            yield f"data: {json.dumps(event)}"
+        yield "data: [DONE]"
+
+    async def read():
+        stream._lines = lines()
+        return [await stream._next_chunk() for _ in range(3)]
+
+    first, second, last = asyncio.run(read())
+    assert (first.text, second.text) == ("ก", "ข")
+    assert last.finished and last.finish_reason == "length"
+    assert (last.prompt_tokens, last.completion_tokens) == (3, 2)
+    chat = GenerationRequest(prompt_ids=[1], params=SamplingParams(), messages=[{"role": "user", "content": "x"}])
+    assert UpstreamStream(engine, chat).path == "/v1/chat/completions"

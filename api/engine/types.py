@@ -34,6 +34,8 @@ class GenerationRequest:
     after our normalization) and ``passthrough`` (request fields this server does not
     act on itself, e.g. vLLM's ``repetition_penalty``, which that server may honour);
     ``prompt_ids`` still serve for context checks and as a fallback token count.
+    ``plain_prompt``: the ids are a plain prompt (``/v1/completions``), not a chat's
+    template; an upstream engine sends them as the ``prompt`` of its own ``/v1/completions``.
     """
 
     prompt_ids: list[int]
@@ -41,6 +43,7 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     messages: list[dict[str, str]] | None = None
     passthrough: dict[str, Any] = field(default_factory=dict)
+    plain_prompt: bool = False
 
 
 @dataclass(frozen=True)

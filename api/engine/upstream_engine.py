@@ -20,6 +20,8 @@ Kept deliberately small, in the manner of a reverse proxy rather than a schedule
 - **Dialect**: the normalized chat plus every field we do not act on ourselves is
   sent as is, so vLLM's extensions keep working; we always ask for a stream with
   usage, and relay each delta as it arrives. Usage is the upstream's own count.
+  A plain prompt (``/v1/completions``) goes to the upstream's ``/v1/completions`` as
+  its token ids, which vLLM and this app accept.
 """
 
 from __future__ import annotations
@@ -365,12 +367,17 @@ class UpstreamEngine(Engine):
         return UpstreamStream(self, request)
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
-        """The upstream's chat request: our normalized chat, our sampling, the client's extras."""
-        if request.messages is None:  # every caller in this app builds prompts from a chat
+        """The upstream's request: our normalized chat (or, for a plain prompt, its token ids
+        for the upstream's ``/v1/completions``), our sampling, the client's extras."""
+        if request.plain_prompt:
+            prompt: dict[str, Any] = {"prompt": list(request.prompt_ids)}
+        elif request.messages is None:  # a chat prompt is sent as its chat
             raise ValueError("the upstream engine needs the request's chat messages")
+        else:
+            prompt = {"messages": request.messages}
         p = request.params
         body: dict[str, Any] = {**request.passthrough, "model": self.upstream_model,
-                                "messages": request.messages, "max_tokens": p.max_tokens,
+                                **prompt, "max_tokens": p.max_tokens,
                                 "temperature": p.temperature, "top_p": p.top_p, "stream": True,
                                 "stream_options": {"include_usage": True}}
         if p.seed is not None:
@@ -390,6 +397,7 @@ class UpstreamStream(GenerationStream):
     def __init__(self, engine: UpstreamEngine, request: GenerationRequest):
         self.engine, self.request = engine, request
         self.body = engine.body(request)
+        self.path = "/v1/completions" if request.plain_prompt else "/v1/chat/completions"
         self.upstream: Upstream | None = None
         self.tried: list[Upstream] = []
         self._response: httpx.Response | None = None
@@ -424,7 +432,7 @@ class UpstreamStream(GenerationStream):
             try:
                 assert engine.client is not None
                 request = engine.client.build_request(
-                    "POST", upstream.url + "/v1/chat/completions", json=self.body,
+                    "POST", upstream.url + self.path, json=self.body,
                     headers=engine.headers(self.request.request_id))
                 response = await engine.client.send(request, stream=True)
             except httpx.HTTPError as exc:
@@ -513,9 +521,11 @@ class UpstreamStream(GenerationStream):
             for choice in event.get("choices") or []:
                 if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                     continue
-                delta = choice.get("delta")
-                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                    text += delta["content"]
+                # a text completion's choice carries ``text``; a chat chunk's, ``delta.content``
+                plain = self.request.plain_prompt
+                delta, key = (choice, "text") if plain else (choice.get("delta"), "content")
+                if isinstance(delta, dict) and isinstance(delta.get(key), str):
+                    text += delta[key]
                 if choice.get("finish_reason"):
                     self._finish_reason = choice["finish_reason"]
             if text:

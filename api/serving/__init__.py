@@ -8,6 +8,7 @@ One module per endpoint family (as vLLM's ``entrypoints/openai`` does):
   parameters, encoding, one complete generation; what anonymous callers may see
   of the model (:func:`public_base_model`, :func:`public_failure`).
 - :mod:`api.serving.chat`: ``/v1/chat/completions``.
+- :mod:`api.serving.completions`: ``/v1/completions`` (legacy text completions, vLLM's).
 - :mod:`api.serving.summarize`: ``/v1/summarize``, long texts in pieces
   (:class:`SummaryRun`: progress events, the final summary's text as it comes).
 - :mod:`api.serving.documents`: ``/v1/summarize/document``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from api.engine import Engine
 from api.serving.chat import ChatServing
+from api.serving.completions import CompletionServing
 from api.serving.common import (
     INLINE_ENCODE_CHARS,
     Completion,
@@ -34,13 +36,13 @@ from api.serving.tokenize import TokenizeServing
 from api.settings import ModelSettings
 
 __all__ = [
-    "INLINE_ENCODE_CHARS", "Completion", "DocumentServing", "Serving", "ServingBase",
+    "INLINE_ENCODE_CHARS", "Completion", "CompletionServing", "DocumentServing", "Serving", "ServingBase",
     "SummaryEvent", "SummaryOptions", "SummaryRun", "private_paths", "public_base_model",
     "public_failure", "sse_event", "TokenizeServing",
 ]
 
 
-class Serving(TokenizeServing, ChatServing, DocumentServing):
+class Serving(TokenizeServing, ChatServing, CompletionServing, DocumentServing):
     """Shared by the OpenAI routes, the summarize routes, the UI and the batch runner."""
 
     def __init__(self, engine: Engine, settings: ModelSettings, *,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from api.engine import GenerationChunk, GenerationRequest
-from api.errors import InvalidRequestError, clip, error_content
+from api.engine.base import GenerationStream
+from api.errors import InvalidRequestError, clip
 from api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -20,7 +20,7 @@ from api.protocol import (
     DeltaMessage,
     Usage,
 )
-from api.serving.common import ServingBase, request_id, usage
+from api.serving.common import ServingBase, request_id, sse_relay, usage
 from api.text import is_blank, normalize_text
 
 log = logging.getLogger("thai.serving")
@@ -77,7 +77,7 @@ class ChatServing(ServingBase):
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return self._sse(stream, include_usage)
 
-    async def _sse(self, stream: AsyncIterator[GenerationChunk], include_usage: bool) -> AsyncIterator[str]:
+    def _sse(self, stream: GenerationStream, include_usage: bool) -> AsyncIterator[str]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
@@ -85,19 +85,13 @@ class ChatServing(ServingBase):
                                         choices=choices, usage=usage)
             return f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
 
-        yield event([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-        try:
-            async for chunk in stream:
-                if chunk.text or chunk.finished:
-                    yield event([ChatCompletionChunkChoice(
-                        delta=DeltaMessage(content=chunk.text) if chunk.text else DeltaMessage(),
-                        finish_reason=chunk.finish_reason if chunk.finished else None)])
-                if chunk.finished:
-                    if include_usage:
-                        yield event([], usage(chunk.prompt_tokens, chunk.completion_tokens))
-        except Exception as exc:  # mid-stream failure: an OpenAI error event, then [DONE]
-            _, body, _ = error_content(exc)
-            yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-        finally:  # the client left mid-stream: stop generating for it
-            await stream.aclose()
-        yield "data: [DONE]\n\n"
+        def delta(chunk: GenerationChunk) -> str | None:
+            if not (chunk.text or chunk.finished):
+                return None
+            return event([ChatCompletionChunkChoice(
+                delta=DeltaMessage(content=chunk.text) if chunk.text else DeltaMessage(),
+                finish_reason=chunk.finish_reason if chunk.finished else None)])
+
+        first = event([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+        return sse_relay(stream, [first], delta,
+                         (lambda totals: event([], totals)) if include_usage else None)

@@ -6,15 +6,16 @@ of the model (what anonymous callers may see of it).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from api.engine import Engine, GenerationChunk, GenerationRequest, SamplingParams
 from api.engine.base import GenerationStream
-from api.errors import InvalidRequestError, ModelNotFoundError, redact_paths
+from api.errors import InvalidRequestError, ModelNotFoundError, error_content, redact_paths
 from api.middleware import current_request_id
 from api.protocol import Usage
 from api.settings import ModelSettings
@@ -169,3 +170,28 @@ def request_id() -> str:
 
 def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def sse_relay(stream: GenerationStream, head: Sequence[str],
+                    event: Callable[[GenerationChunk], str | None],
+                    usage_event: Callable[[Usage], str] | None = None) -> AsyncIterator[str]:
+    """The SSE ``data:`` lines of an OpenAI-style stream (chat and text completions): ``head``
+    first, each chunk as ``event`` makes it (None: nothing to send), the usage after the
+    last one when ``usage_event`` is given, then ``[DONE]``. A mid-stream failure is an
+    OpenAI error event before ``[DONE]``; the stream is closed whatever happens (a client
+    that leaves, even before the first line, stops its generation)."""
+    try:
+        for line in head:
+            yield line
+        async for chunk in stream:
+            line = event(chunk)
+            if line is not None:
+                yield line
+            if chunk.finished and usage_event is not None:
+                yield usage_event(usage(chunk.prompt_tokens, chunk.completion_tokens))
+    except Exception as exc:  # mid-stream failure: an OpenAI error event, then [DONE]
+        _, body, _ = error_content(exc)
+        yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    finally:  # the client left mid-stream: stop generating for it
+        await stream.aclose()
+    yield "data: [DONE]\n\n"
