@@ -10,10 +10,8 @@ import html
 import io
 from functools import lru_cache
 
-from tests.support import REPO, require_tool
+from tests.support import REPO, chromium_browser
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 FONT = REPO / "assets" / "fonts" / "sarabun-thai-400.woff2"
 
 
@@ -75,16 +73,9 @@ def docx_bytes(text: str) -> bytes:
 
 def pdf_bytes(text: str) -> bytes:
     """``text`` printed to A4 pages by headless Chromium (skips without chromium)."""
-    chromium = require_tool("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.set_content(html_page(text, embed_font=True), wait_until="load")
-            page.evaluate("document.fonts.ready")
-            return page.pdf(format="A4", margin={"top": "2cm", "bottom": "2cm",
-                                                 "left": "2cm", "right": "2cm"})
-        finally:
-            browser.close()
+    with chromium_browser() as browser:
+        page = browser.new_page()
+        page.set_content(html_page(text, embed_font=True), wait_until="load")
+        page.evaluate("document.fonts.ready")
+        return page.pdf(format="A4", margin={"top": "2cm", "bottom": "2cm",
+                                             "left": "2cm", "right": "2cm"})

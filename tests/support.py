@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Records every distinct value a JS expression takes (polled every 10 ms), so a test can see
+# text or progress that passes quickly: page.evaluate(WATCH_JS, [name, expression]).
+WATCH_JS = """([name, expr]) => {
+  window[name] = [];
+  window[name + '_timer'] = setInterval(() => {
+    const value = eval(expr);
+    const seen = window[name];
+    if (value && seen[seen.length - 1] !== value) seen.push(value);
+  }, 10);
+}"""
+
+
+@contextmanager
+def chromium_browser():
+    """Debian's chromium driven by Playwright (fails in CI without it, skips locally)."""
+    chromium = require_tool("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def free_port() -> int:

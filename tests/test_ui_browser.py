@@ -17,31 +17,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support import ARTIFACTS, REPO, free_port, require_tool, start_server
+from tests.support import ARTIFACTS, REPO, WATCH_JS, chromium_browser, free_port, start_server
 from thai_ui.text_stats import count_graphemes, count_words
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-# Collects every distinct value a JS expression takes, to see text arrive in parts.
-WATCH_JS = """([name, expr]) => {
-  window[name] = [];
-  window[name + '_timer'] = setInterval(() => {
-    const value = eval(expr);
-    const seen = window[name];
-    if (value && seen[seen.length - 1] !== value) seen.push(value);
-  }, 15);
-}"""
 
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium = require_tool("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    with chromium_browser() as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -18,21 +18,10 @@ import io
 import pytest
 
 from tests.documents_support import docx_bytes
-from tests.support import ARTIFACTS, REPO, require_tool, start_server
+from tests.support import ARTIFACTS, REPO, WATCH_JS, chromium_browser, start_server
 from thai_ui.text_stats import count_graphemes
 
 SHOTS = ARTIFACTS / "screenshots"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-# Every distinct value a JS expression takes, to see progress that passes quickly.
-WATCH_JS = """([name, expr]) => {
-  window[name] = [];
-  window[name + '_timer'] = setInterval(() => {
-    const value = eval(expr);
-    const seen = window[name];
-    if (value && seen[seen.length - 1] !== value) seen.push(value);
-  }, 10);
-}"""
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +38,8 @@ def chunking_server(model_env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    chromium = require_tool("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    with chromium_browser() as launched:
+        yield launched
 
 
 @pytest.fixture

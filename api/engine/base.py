@@ -165,10 +165,6 @@ class Engine(abc.ABC):
         """How many token ids exist (``0 .. vocab_size - 1``), added tokens included."""
         raise NotImplementedError(f"{type(self).__name__} has no vocabulary size")
 
-    def max_model_len(self) -> int:
-        """The context window, as ``/tokenize`` and the model cards report it."""
-        return self.info.max_context
-
     def worker_error(self) -> BaseException | None:
         """What killed the engine's worker after loading, if anything did."""
         return None

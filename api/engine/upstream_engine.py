@@ -225,6 +225,7 @@ class UpstreamEngine(Engine):
             self.state, self.error = EngineState.ERROR, f"cannot load the tokenizer {source!r}: {exc}"
             log.error("%s", self.error)
             return
+        self._refresh_window()
         await self.check_all()  # know which upstreams answer before declaring ready
         self.state = EngineState.READY
         self._tasks.append(asyncio.create_task(self._probe_forever(), name="upstream-health"))
@@ -275,6 +276,7 @@ class UpstreamEngine(Engine):
             return
         if upstream.max_model_len is None:
             upstream.max_model_len = await self._model_len(upstream) or 0
+            self._refresh_window()
         self.pool.mark(upstream, True)
 
     def _probe_timeout(self) -> httpx.Timeout:
@@ -296,11 +298,11 @@ class UpstreamEngine(Engine):
                 return int(window) if isinstance(window, int) and window > 0 else None
         return None
 
-    @property
-    def max_context(self) -> int:
-        """The smallest window any upstream reports, else the local config's, else 4096."""
+    def _refresh_window(self) -> None:
+        """``info.max_context``: the smallest window any upstream reports, else the local
+        config's, else 4096. Set when one of those is learned, read by every request."""
         reported = [u.max_model_len for u in self.pool.upstreams if u.max_model_len]
-        return min(reported) if reported else (self._window_from_config or 4096)
+        self.info.max_context = min(reported) if reported else (self._window_from_config or 4096)
 
     def upstream_states(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -351,14 +353,9 @@ class UpstreamEngine(Engine):
     def vocab_size(self) -> int:
         return tokenizer_vocab_size(self._require_tokenizer())
 
-    def max_model_len(self) -> int:
-        self.info.max_context = self.max_context  # the upstreams' smallest window, as generate uses
-        return self.info.max_context
-
     # ----------------------------------------------------------- generation
     def generate(self, request: GenerationRequest) -> "UpstreamStream":
         self._require_tokenizer()
-        self.info.max_context = self.max_context
         check_context(self.info.max_context, len(request.prompt_ids), request.params.max_tokens)
         if not self.pool.healthy():
             raise NoHealthyUpstreamError(
@@ -606,6 +603,13 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _field(mapping: object, key: str, kinds: type | tuple[type, ...] = str):
+    """``mapping[key]`` when ``mapping`` is a dict and the value has one of ``kinds``, else
+    None: upstream error bodies come in several shapes, and none is trusted."""
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    return value if isinstance(value, kinds) else None
+
+
 async def _status_error(response: httpx.Response) -> UpstreamStatusError:
     """The upstream's non-200 answer as an error with the status the client should get."""
     try:
@@ -613,34 +617,29 @@ async def _status_error(response: httpx.Response) -> UpstreamStatusError:
         payload = json.loads(raw[:65536]) if raw else {}
     except (httpx.HTTPError, ValueError):
         payload = {}
-    detail = payload.get("error") if isinstance(payload, dict) else None
-    if not isinstance(detail, dict):  # vLLM 0.x errors: {"message": ..., "type": ..., "code": ...}
-        detail = payload if isinstance(payload, dict) and "message" in payload else {}
+    detail = _field(payload, "error", dict)
+    if detail is None:  # vLLM 0.x errors: {"message": ..., "type": ..., "code": ...}
+        detail = payload if _field(payload, "message") is not None else {}
     status = response.status_code
     retry_after = response.headers.get("retry-after")
     if status in (401, 403):  # our key, not the client's: a gateway problem
         return UpstreamStatusError(502, "The model server refused this gateway's credentials "
                                    "(THAI_UPSTREAM_API_KEY).", "upstream_error", "upstream_auth_failed")
     if status == 404:  # the client's model name was checked here: ours is misconfigured
-        upstream_message = detail.get("message") if isinstance(detail.get("message"), str) else ""
         return UpstreamStatusError(502, "The model server does not serve the configured model "
-                                   f"(THAI_UPSTREAM_MODEL): {upstream_message}".rstrip(": "),
+                                   f"(THAI_UPSTREAM_MODEL): {_field(detail, 'message') or ''}".rstrip(": "),
                                    "upstream_error", "upstream_model_not_found")
     if status not in PASSED_STATUSES and status < 500:
         status = 400
     if status >= 500 and status != 503:
         status = 502
-    message = detail.get("message") if isinstance(detail.get("message"), str) else None
-    if message is None and isinstance(payload, dict) and isinstance(payload.get("detail"), str):
-        message = payload["detail"]  # FastAPI's HTTPException body (transformers serve)
+    # FastAPI's HTTPException body (transformers serve) is {"detail": "..."}
+    message = _field(detail, "message") or _field(payload, "detail")
     return UpstreamStatusError(
         status, message or f"The model server answered HTTP {response.status_code}.",
-        detail.get("type") if isinstance(detail.get("type"), str) else None,
-        detail.get("code") if isinstance(detail.get("code"), (str, int)) else None,
-        param=detail.get("param") if isinstance(detail.get("param"), str) else None,
+        _field(detail, "type"), _field(detail, "code", (str, int)), param=_field(detail, "param"),
         retry_after=retry_after if retry_after and retry_after.isdigit() else None)
 
 
 def _event_error(detail: dict) -> UpstreamError:
-    message = detail.get("message") if isinstance(detail.get("message"), str) else None
-    return UpstreamError(message or "The model server reported an error mid-stream.")
+    return UpstreamError(_field(detail, "message") or "The model server reported an error mid-stream.")

@@ -86,10 +86,9 @@ async def health(request: Request):
 
 
 def model_card(request: Request) -> ModelCard:
-    engine = request.app.state.engine
-    info = engine.info
+    info = request.app.state.engine.info
     return ModelCard(id=info.model_name, created=info.created, root=public_base_model(info.base_model),
-                     demo=info.demo, max_model_len=engine.max_model_len())
+                     demo=info.demo, max_model_len=info.max_context)
 
 
 @router.get("/v1/models", response_model=ModelList, summary="List models (OpenAI-compatible)",

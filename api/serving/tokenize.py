@@ -52,7 +52,7 @@ class TokenizeServing(ChatServing):
         token_strs = None
         if request.return_token_strs:
             token_strs = await _off_loop_if_long(size, lambda: [engine.decode([t]) for t in tokens])
-        return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len(),
+        return TokenizeResponse(count=len(tokens), max_model_len=engine.info.max_context,
                                 tokens=tokens, token_strs=token_strs)
 
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
