@@ -26,6 +26,7 @@ from api.engine.errors import (
     EngineOutOfMemoryError,
     EngineOverloadedError,
     GenerationTimeoutError,
+    GrammarError,
     ModelLoadError,
     ModelNotReadyError,
     NoHealthyUpstreamError,
@@ -77,6 +78,7 @@ class ClientDisconnectedError(APIError):
 # Exception class -> (status, OpenAI error type, code). The one place statuses live.
 ENGINE_ERRORS: dict[type[EngineError], tuple[int, str, str | None]] = {
     ContextLengthExceededError: (400, "invalid_request_error", "context_length_exceeded"),
+    GrammarError: (400, "invalid_request_error", "invalid_structured_output"),
     EngineOverloadedError: (429, "rate_limit_error", "server_overloaded"),
     ModelNotReadyError: (503, "service_unavailable", "model_not_ready"),
     ModelLoadError: (503, "service_unavailable", "model_load_failed"),

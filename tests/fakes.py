@@ -37,7 +37,7 @@ class FakeEngine(Engine):
     async def stop(self) -> None:
         self.state = EngineState.STOPPED
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
         if self.state is not EngineState.READY:
             from api.engine.errors import ModelNotReadyError
 
@@ -63,10 +63,10 @@ class FakeEngine(Engine):
         self.encode_calls.append(("encode", add_special_tokens))
         return [ord(c) for c in text]
 
-    def encode_messages(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True,
-                        add_special_tokens: bool = False) -> list[int]:
+    def encode_messages(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False, tools: Sequence[dict] | None = None) -> list[int]:
         self.encode_calls.append(("encode_messages", add_generation_prompt, add_special_tokens))
-        ids = self.encode_chat(messages)
+        ids = self.encode_chat(messages, tools)
         return ids if add_generation_prompt else ids[:-1]  # something visibly different
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -42,7 +42,7 @@ def test_the_body_carries_the_chat_our_sampling_and_the_clients_extras():
                                           upstream_model="thai-qwen-lora"))
     request = GenerationRequest(
         prompt_ids=[1, 2], params=SamplingParams(max_tokens=9, temperature=0.0, top_p=1.0, seed=7,
-                                                  stop=("จบ",), min_tokens=2),
+                                                  stop=("จบ",), min_tokens=2, no_repeat_ngram_size=0),
         messages=[{"role": "user", "content": "สวัสดี"}], passthrough={"repetition_penalty": 1.1})
     body = engine.body(request)
     assert body == {"repetition_penalty": 1.1, "model": "thai-qwen-lora",
@@ -50,6 +50,10 @@ def test_the_body_carries_the_chat_our_sampling_and_the_clients_extras():
                     "temperature": 0.0, "top_p": 1.0, "stream": True,
                     "stream_options": {"include_usage": True}, "seed": 7, "stop": ["จบ"],
                     "min_tokens": 2}
+    # The summarizer's seed default (3) is our sampler's: sent, for replicas of this app.
+    summary = engine.body(GenerationRequest(prompt_ids=[1], params=SamplingParams(),
+                                            messages=[{"role": "user", "content": "ข่าว"}]))
+    assert summary["no_repeat_ngram_size"] == 3
     with pytest.raises(ValueError):
         engine.body(GenerationRequest(prompt_ids=[1], params=SamplingParams()))
 
@@ -96,7 +100,7 @@ def test_a_plain_prompt_goes_to_the_upstreams_completions_as_token_ids():
     engine = UpstreamEngine(ModelSettings(engine="openai", upstream_urls=["http://u:1"],
                                           upstream_model="thai-qwen-lora"))
     request = GenerationRequest(prompt_ids=[5, 6, 7], params=SamplingParams(max_tokens=4, temperature=0.0,
-                                                                             top_p=1.0),
+                                                                             top_p=1.0, no_repeat_ngram_size=0),
                                 passthrough={"logit_bias": {"5": 1}}, plain_prompt=True)
     assert engine.body(request) == {"logit_bias": {"5": 1}, "model": "thai-qwen-lora",
                                     "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from api.engine.base import Engine, EngineInfo, EngineState
-from api.engine.types import GenerationChunk, GenerationRequest, SamplingParams
+from api.engine.types import GenerationChunk, GenerationRequest, GrammarSpec, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from api.settings import ModelSettings
@@ -34,6 +34,8 @@ __all__ = [
     "EngineInfo",
     "EngineState",
     "GenerationChunk",
+    "GrammarSpec",
+    "TokenLogprob",
     "GenerationRequest",
     "SamplingParams",
 ]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from api.engine.errors import ContextLengthExceededError
-from api.engine.types import GenerationChunk, GenerationRequest
+from api.engine.types import GenerationChunk, GenerationRequest, GrammarSpec
 
 
 class EngineState(str, enum.Enum):
@@ -42,25 +42,62 @@ class EngineInfo:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def chat_prompt_ids(tokenizer, messages: Sequence[dict[str, str]], *,
-                    add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the chat template applied to ``messages``, generation prompt added."""
+def chat_prompt_ids(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict] | None = None) -> list[int]:
+    """Token ids of the chat template applied to ``messages`` (and the ``tools`` the model
+    may call, which the template renders in its system turn), generation prompt added."""
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                        tools=list(tools) if tools else None,
                                         tokenize=True, return_dict=False)
     return list(ids)
 
 
-def chat_template_ids(tokenizer, messages: Sequence[dict[str, str]], *,
+def chat_template_ids(tokenizer, messages: Sequence[dict], *,
                       add_generation_prompt: bool = True,
-                      add_special_tokens: bool = False) -> list[int]:
+                      add_special_tokens: bool = False,
+                      tools: Sequence[dict] | None = None) -> list[int]:
     """The chat template's ids as ``/tokenize`` makes them (vLLM: the template rendered to
     text, then tokenized with ``add_special_tokens``). Without special tokens, the very ids
     :func:`chat_prompt_ids` gives a chat completion."""
     if not add_special_tokens:
-        return chat_prompt_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+        return chat_prompt_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                               tools=tools)
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                         tokenize=False)
+                                         tools=list(tools) if tools else None, tokenize=False)
     return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the character a byte-level BPE vocabulary
+    (Qwen's) writes for each byte, to that byte."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def token_bytes(tokenizer, ids: Sequence[int]) -> list[bytes]:
+    """Each token's own bytes (what OpenAI's logprobs ``bytes`` carry): a Thai character
+    split over two tokens gives each its part, which no text decoding of one token can.
+    Added and special tokens (``<|im_end|>``) are their text in UTF-8."""
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    added = getattr(tokenizer, "added_tokens_encoder", {})
+    out = []
+    for piece in pieces:
+        piece = piece or ""
+        if piece in added or any(ch not in _BYTE_DECODER for ch in piece):
+            out.append(piece.encode("utf-8"))
+        else:
+            out.append(bytes(_BYTE_DECODER[ch] for ch in piece))
+    return out
 
 
 def tokenizer_vocab_size(tokenizer) -> int:
@@ -124,8 +161,9 @@ class Engine(abc.ABC):
         """Cancel running work and release the model."""
 
     @abc.abstractmethod
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of the chat template applied to ``messages`` (generation prompt added)."""
+    def encode_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of the chat template applied to ``messages`` and ``tools`` (generation
+        prompt added)."""
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:
@@ -146,19 +184,29 @@ class Engine(abc.ABC):
         tokenizer has any)."""
         raise NotImplementedError(f"{type(self).__name__} cannot tokenize plain text")
 
-    def encode_messages(self, messages: Sequence[dict[str, str]], *,
+    def encode_messages(self, messages: Sequence[dict], *,
                         add_generation_prompt: bool = True,
-                        add_special_tokens: bool = False) -> list[int]:
+                        add_special_tokens: bool = False,
+                        tools: Sequence[dict] | None = None) -> list[int]:
         """The chat template's ids with the ``/tokenize`` options; the defaults give
         :meth:`encode_chat`'s ids (what a chat completion's usage counts)."""
         if add_generation_prompt and not add_special_tokens:
-            return self.encode_chat(messages)
+            return self.encode_chat(messages, tools)
         raise NotImplementedError(f"{type(self).__name__} supports only the default chat "
                                   "tokenization options")
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ``ids`` (each within ``range(vocab_size)``; callers check)."""
         raise NotImplementedError(f"{type(self).__name__} cannot decode token ids")
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each token's bytes (log probabilities name their tokens with them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot name tokens")
+
+    async def check_grammar(self, spec: GrammarSpec) -> None:
+        """Raise GrammarError (a 400) for a structured-output spec this engine cannot
+        enforce; compiles and caches it otherwise. An engine whose upstream enforces the
+        spec itself has nothing to check here."""
 
     @property
     def vocab_size(self) -> int:

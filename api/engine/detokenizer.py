@@ -34,14 +34,20 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.ids)
 
-    def find_stop(self) -> int:
-        """Index in ``text`` where a stop string starts, or -1."""
+    def find_stop(self, include: bool = False) -> int:
+        """Where the text ends because of a stop string: the index where the first one
+        found starts, or where it ends with ``include`` (vLLM's
+        ``include_stop_str_in_output``); -1 when there is none."""
         if not self.stop:
             return -1
         longest = max(len(s) for s in self.stop)
         start = max(0, self.emitted - longest)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        return min(hits) if hits else -1
+        hits = [(i, i + len(s)) for s, i in ((s, self.text.find(s, start)) for s in self.stop)
+                if i >= 0]
+        if not hits:
+            return -1
+        begin, end = min(hits)
+        return end if include else begin
 
     def take(self, final: bool = False, cut_at: int = -1) -> str:
         """Release text that can no longer be part of a stop string."""

@@ -27,6 +27,11 @@ class ContextLengthExceededError(EngineError):
     """Prompt plus requested output do not fit the model's context window."""
 
 
+class GrammarError(EngineError):
+    """A structured-output spec (JSON schema, regex, grammar) the grammar library refuses:
+    the message is the library's own reason."""
+
+
 class GenerationTimeoutError(EngineError):
     """The request passed its deadline before it finished."""
 

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from api.engine.detokenizer import IncrementalDetokenizer
+from api.engine.grammar import CLOSE_WITHIN
 from api.engine.kv_batch import KVBatch, PrefixCache
 from api.engine.errors import (
     EngineDeadError,
@@ -42,10 +43,11 @@ from api.engine.errors import (
 from api.engine.loader import ModelBundle
 from api.engine.metrics import EngineMetrics
 from api.engine.sampler import NGramBlocker, RowRule, sample_batch
-from api.engine.types import GenerationChunk, GenerationRequest
+from api.engine.types import GenerationChunk, GenerationRequest, TokenLogprob
 
 log = logging.getLogger("thai.engine.scheduler")
 MAX_PREFILL_TOKENS = 16384   # prompt tokens prefilled in one forward pass
+PROMPT_LOGPROBS_CHUNK = 128  # prompt positions turned into log probabilities at once
 
 
 @dataclass(eq=False)
@@ -62,6 +64,12 @@ class Sequence:
     last_token_at: float = 0.0
     aborted: bool = False
     done: bool = False
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.request.params.prompt_logprobs is not None
 
     @property
     def prompt_len(self) -> int:
@@ -82,6 +90,7 @@ class BatchScheduler:
         self.eos = set(bundle.eos_token_ids)
         self.device = torch.device(bundle.device if bundle.device != "cuda" else "cuda")
         self.pad_id = bundle.tokenizer.pad_token_id or 0
+        self.grammar = None  # GrammarCompiler: set by the engine on the first constrained request
         # A hook tests use to inject faults (e.g. out-of-memory) into a phase.
         self.fault_injector: Callable[[str], None] | None = None
         self.dead: BaseException | None = None
@@ -122,13 +131,22 @@ class BatchScheduler:
         generator = None
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
+        matcher = None
+        if params.grammar is not None:
+            assert self.grammar is not None, "the engine compiles a grammar before submitting"
+            matcher = self.grammar.matcher(params.grammar)
+        rule = RowRule(
+            params.temperature, params.top_p, generator, NGramBlocker(params.no_repeat_ngram_size),
+            [], top_k=params.top_k, min_p=params.min_p,
+            frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
+            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
+            logprobs=params.logprobs, matcher=matcher,
+            prompt_tokens=(frozenset(request.prompt_ids) if params.repetition_penalty != 1.0
+                           else frozenset()))
         seq = Sequence(
             request=request, loop=loop, queue=queue,
             deadline=time.monotonic() + self.request_timeout_s,
-            detok=IncrementalDetokenizer(self.bundle.tokenizer, params.stop),
-            rule=RowRule(params.temperature, params.top_p, generator,
-                         NGramBlocker(params.no_repeat_ngram_size), []),
-        )
+            detok=IncrementalDetokenizer(self.bundle.tokenizer, params.stop), rule=rule)
         with self._lock:
             free_slots = self.max_batch_size - len(self._running) - self._prefilling
             if len(self._waiting) >= self.max_waiting + max(free_slots, 0):
@@ -254,7 +272,11 @@ class BatchScheduler:
         self._evict()
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Prefill new sequences: those that share the cached prefix start after it."""
+        """Prefill new sequences: those that share the cached prefix start after it; those
+        that want their prompt's log probabilities alone, over the whole prompt."""
+        for seq in [s for s in seqs if s.wants_prompt_logprobs]:
+            self._prefill_group([seq], None, 0)
+        seqs = [s for s in seqs if not s.wants_prompt_logprobs]
         shared = ([s for s in seqs if self._prefix.match(s.request.prompt_ids)]
                   if self._prefix is not None else [])
         others = [s for s in seqs if s not in shared]
@@ -281,8 +303,12 @@ class BatchScheduler:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
         cache = past if past is not None else DynamicCache(config=self.model.config)
+        every_position = len(seqs) == 1 and seqs[0].wants_prompt_logprobs
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=True,
+                         logits_to_keep=0 if every_position else 1)
+        if every_position:
+            seqs[0].prompt_logprobs = self._prompt_logprobs(seqs[0], out.logits[0])
         self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
         if self._prefix is not None and skip == 0:
             for i, seq in enumerate(seqs):
@@ -303,17 +329,42 @@ class BatchScheduler:
         self.metrics.batch_size.observe(len(seqs))
         self._sample_and_accept(out.logits[:, -1, :], seqs)
 
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> tuple[TokenLogprob | None, ...]:
+        """Each prompt token's log probability given the tokens before it (the first has
+        none), with the top ``prompt_logprobs`` alternatives; a few positions at a time, so
+        memory stays at PROMPT_LOGPROBS_CHUNK x vocab floats whatever the prompt's length."""
+        ids = seq.request.prompt_ids
+        k = seq.request.params.prompt_logprobs or 0
+        logits = logits[logits.shape[0] - len(ids):]  # the prompt's positions (no padding)
+        entries: list[TokenLogprob | None] = [None]
+        for start in range(0, len(ids) - 1, PROMPT_LOGPROBS_CHUNK):
+            stop = min(start + PROMPT_LOGPROBS_CHUNK, len(ids) - 1)
+            lp = torch.log_softmax(logits[start:stop].float(), dim=-1)
+            nxt = torch.tensor(ids[start + 1:stop + 1], device=lp.device)
+            picked = lp.gather(1, nxt[:, None]).squeeze(1).tolist()
+            top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+            for j, token in enumerate(ids[start + 1:stop + 1]):
+                top = tuple(zip(top_i[j].tolist(), top_v[j].tolist())) if k else ()
+                entries.append(TokenLogprob(token, picked[j], top))
+        return tuple(entries)
+
     def _sample_and_accept(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for seq in seqs:
             params = seq.request.params
-            seq.rule.suppress = list(self.eos) if seq.generated < params.min_tokens else []
-        tokens = sample_batch(logits, [s.rule for s in seqs])
+            seq.rule.suppress = ([*self.eos, *params.stop_token_ids]
+                                 if seq.generated < params.min_tokens else [])
+            if seq.rule.matcher is not None:
+                left = min(params.max_tokens - seq.generated,
+                           self.bundle.max_context - seq.prompt_len - seq.generated)
+                seq.rule.closing = left <= CLOSE_WITHIN
+        result = sample_batch(logits, [s.rule for s in seqs], self.grammar)
         now = time.monotonic()
-        self.metrics.generation_tokens.inc(len(tokens))
-        for seq, token in zip(seqs, tokens):
-            self._accept(seq, token, now)
+        self.metrics.generation_tokens.inc(len(result.tokens))
+        for seq, token, logprob in zip(seqs, result.tokens, result.logprobs):
+            self._accept(seq, token, now, logprob)
 
-    def _accept(self, seq: Sequence, token: int, now: float) -> None:
+    def _accept(self, seq: Sequence, token: int, now: float,
+                logprob: TokenLogprob | None = None) -> None:
         params = seq.request.params
         if seq.generated == 0:
             self.metrics.ttft.observe(now - seq.arrival)
@@ -322,24 +373,52 @@ class BatchScheduler:
         seq.last_token_at = now
         seq.generated += 1
         seq.next_token = token
-        seq.rule.blocker.add(token)
+        seq.rule.observe(token)
         reason, cut = None, -1
-        if token in self.eos and not params.ignore_eos:
+        matcher = seq.rule.matcher
+        if matcher is not None and not matcher.consume_token(token):
+            # The mask allowed only valid tokens, so this is llguidance's own failure.
+            self._finish(seq, error=EngineError(f"structured output failed: {matcher.get_error()}"))
+            return
+        if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
+            if params.include_stop_str_in_output and token in params.stop_token_ids:
+                seq.detok.add(token)
+                self._keep_logprob(seq, logprob)
         else:
             seq.detok.add(token)
+            self._keep_logprob(seq, logprob)
             if seq.generated >= params.min_tokens:
-                cut = seq.detok.find_stop()
+                cut = seq.detok.find_stop(include=params.include_stop_str_in_output)
                 if cut >= 0:
                     reason = "stop"
+            if reason is None and matcher is not None and matcher.is_stopped():
+                reason = "stop"  # the grammar is complete: nothing else may follow
         if reason is None and (seq.generated >= params.max_tokens
                                or seq.prompt_len + seq.generated >= self.bundle.max_context):
             reason = "length"
         text = seq.detok.take(final=reason is not None, cut_at=cut)
         if reason is not None:
             self._finish(seq, reason=reason, text=text)
-        elif text:
-            self._outbox.append((seq, GenerationChunk(text, seq.prompt_len, seq.generated)))
+        elif text or (seq.generated == 1 and seq.prompt_logprobs is not None):
+            self._outbox.append((seq, GenerationChunk(
+                text, seq.prompt_len, seq.generated, logprobs=self._take_logprobs(seq),
+                prompt_logprobs=self._take_prompt_logprobs(seq))))
+
+    @staticmethod
+    def _keep_logprob(seq: Sequence, logprob: TokenLogprob | None) -> None:
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> tuple[TokenLogprob, ...]:
+        taken, seq.pending_logprobs = tuple(seq.pending_logprobs), []
+        return taken
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> tuple[TokenLogprob | None, ...] | None:
+        taken, seq.prompt_logprobs = seq.prompt_logprobs, None
+        return taken
 
     def _finish(self, seq: Sequence, reason: str | None = None, text: str = "",
                 error: BaseException | None = None) -> None:
@@ -351,8 +430,9 @@ class BatchScheduler:
             self.metrics.e2e.observe(time.monotonic() - seq.arrival)
         if reason == "abort":
             return
-        self._outbox.append((seq, GenerationChunk(text, seq.prompt_len, seq.generated, finished=True,
-                                                  finish_reason=reason, error=error)))
+        self._outbox.append((seq, GenerationChunk(
+            text, seq.prompt_len, seq.generated, finished=True, finish_reason=reason, error=error,
+            logprobs=self._take_logprobs(seq), prompt_logprobs=self._take_prompt_logprobs(seq))))
 
     def _evict(self) -> None:
         keep = [i for i, s in enumerate(self._running) if not s.done]

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence as Seq
 
@@ -17,6 +18,7 @@ from api.engine.base import (
     chat_prompt_ids,
     chat_template_ids,
     check_context,
+    token_bytes,
     tokenizer_vocab_size,
 )
 from api.engine.errors import (
@@ -26,7 +28,7 @@ from api.engine.errors import (
 )
 from api.engine.loader import ModelBundle, load_model_bundle
 from api.engine.metrics import EngineMetrics
-from api.engine.types import GenerationChunk, GenerationRequest
+from api.engine.types import GenerationChunk, GenerationRequest, GrammarSpec
 from api.settings import ModelSettings
 
 log = logging.getLogger("thai.engine")
@@ -44,6 +46,7 @@ class TransformersEngine(Engine):
         self.bundle: ModelBundle | None = None
         self.scheduler = None  # BatchScheduler, created once the model is loaded
         self._load_task: asyncio.Task | None = None
+        self._grammar_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -116,8 +119,8 @@ class TransformersEngine(Engine):
             raise ModelNotReadyError("the model is still loading; retry in a few seconds")
         return self.bundle
 
-    def encode_chat(self, messages: Seq[dict[str, str]]) -> list[int]:
-        return chat_prompt_ids(self._require_bundle().tokenizer, messages)
+    def encode_chat(self, messages: Seq[dict], tools: Seq[dict] | None = None) -> list[int]:
+        return chat_prompt_ids(self._require_bundle().tokenizer, messages, tools=tools)
 
     def count_tokens(self, text: str) -> int:
         return len(self._require_bundle().tokenizer.encode(text, add_special_tokens=False))
@@ -125,11 +128,32 @@ class TransformersEngine(Engine):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._require_bundle().tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def encode_messages(self, messages: Seq[dict[str, str]], *, add_generation_prompt: bool = True,
-                        add_special_tokens: bool = False) -> list[int]:
+    def encode_messages(self, messages: Seq[dict], *, add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False, tools: Seq[dict] | None = None) -> list[int]:
         return chat_template_ids(self._require_bundle().tokenizer, messages,
                                  add_generation_prompt=add_generation_prompt,
-                                 add_special_tokens=add_special_tokens)
+                                 add_special_tokens=add_special_tokens, tools=tools)
+
+    def token_bytes(self, ids: Seq[int]) -> list[bytes]:
+        return token_bytes(self._require_bundle().tokenizer, ids)
+
+    # ------------------------------------------------------ structured output
+    def _grammar_compiler(self):
+        """The scheduler's GrammarCompiler, made on the first constrained request (wrapping
+        the tokenizer for llguidance takes about a second for Qwen's 150k tokens)."""
+        bundle = self._require_bundle()
+        with self._grammar_lock:
+            if self.scheduler.grammar is None:
+                from api.engine.grammar import GrammarCompiler
+
+                vocab = int(bundle.model.config.vocab_size)  # the logits' width
+                self.scheduler.grammar = GrammarCompiler(bundle.tokenizer, vocab,
+                                                         bundle.eos_token_ids)
+            return self.scheduler.grammar
+
+    async def check_grammar(self, spec: GrammarSpec) -> None:
+        compiler = await asyncio.to_thread(self._grammar_compiler)
+        await asyncio.to_thread(compiler.check, spec)
 
     def decode(self, ids: Seq[int]) -> str:
         return self._require_bundle().tokenizer.decode(list(ids))

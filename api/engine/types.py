@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What the output must match, as the request gave it (hashable: the compile cache's key).
+
+    ``value``: the JSON schema as JSON text (``json_schema``), a regular expression
+    (``regex``), a JSON list of the allowed strings (``choice``), a Lark grammar in
+    llguidance's dialect (``lark``: ``guided_grammar`` and forced tool calls), nothing for
+    ``json_object``.
+    """
+
+    kind: GrammarKind
+    value: str = ""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to generate for one request; honoured per sequence inside a batch."""
+    """How to generate for one request; honoured per sequence inside a batch.
+
+    Every field's default is "off" except the seed's summarization defaults (150 tokens,
+    no repeated 3-grams); each serving route sets what its clients expect (the OpenAI
+    routes turn n-gram blocking off). Names and meanings follow vLLM's ``SamplingParams``.
+    """
 
     max_tokens: int = 150
     temperature: float = 0.7
@@ -19,10 +41,26 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     no_repeat_ngram_size: int = 3
+    top_k: int = 0                           # 0: off
+    min_p: float = 0.0                       # 0: off
+    frequency_penalty: float = 0.0           # OpenAI: minus penalty x count in the output
+    presence_penalty: float = 0.0            # OpenAI: minus penalty once a token is in the output
+    repetition_penalty: float = 1.0          # vLLM/HF: prompt and output tokens, 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()     # finish ("stop") on these as on EOS
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None              # None: none; k: the chosen token's and the top k
+    prompt_logprobs: int | None = None       # the same for every prompt token after the first
+    grammar: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return (self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -47,6 +85,17 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated (or prompt) token's log probability under the model (before any
+    penalty, bias, mask or temperature: vLLM's default ``raw_logprobs``), and the ``top``
+    most likely tokens at that position as (token id, log probability), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """One piece of a generation: new text, and on the last chunk the totals.
 
@@ -60,3 +109,8 @@ class GenerationChunk:
     finished: bool = False
     finish_reason: str | None = None
     error: BaseException | None = None
+    # With ``logprobs``: the tokens generated since the previous chunk (token-aligned, so a
+    # Thai character split over two tokens has two entries while its text comes once).
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # With ``prompt_logprobs``, on the first chunk: the prompt's tokens (the first has none).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None

@@ -47,6 +47,7 @@ from api.engine.base import (
     chat_prompt_ids,
     chat_template_ids,
     check_context,
+    token_bytes,
     tokenizer_vocab_size,
 )
 from api.engine.errors import (
@@ -331,8 +332,8 @@ class UpstreamEngine(Engine):
             raise ModelNotReadyError("the tokenizer is still loading; retry in a few seconds")
         return self.tokenizer
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return chat_prompt_ids(self._require_tokenizer(), messages)
+    def encode_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        return chat_prompt_ids(self._require_tokenizer(), messages, tools=tools)
 
     def count_tokens(self, text: str) -> int:
         return len(self._require_tokenizer().encode(text, add_special_tokens=False))
@@ -340,11 +341,14 @@ class UpstreamEngine(Engine):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._require_tokenizer().encode(text, add_special_tokens=add_special_tokens))
 
-    def encode_messages(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True,
-                        add_special_tokens: bool = False) -> list[int]:
+    def encode_messages(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False, tools: Sequence[dict] | None = None) -> list[int]:
         return chat_template_ids(self._require_tokenizer(), messages,
                                  add_generation_prompt=add_generation_prompt,
-                                 add_special_tokens=add_special_tokens)
+                                 add_special_tokens=add_special_tokens, tools=tools)
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        return token_bytes(self._require_tokenizer(), ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._require_tokenizer().decode(list(ids))
@@ -385,6 +389,8 @@ class UpstreamEngine(Engine):
             body["min_tokens"] = p.min_tokens
         if p.ignore_eos:
             body["ignore_eos"] = True
+        if p.no_repeat_ngram_size:  # our sampler's (summaries, the UI): replicas of this app
+            body["no_repeat_ngram_size"] = p.no_repeat_ngram_size  # honour it, vLLM ignores it
         return body
 
 
