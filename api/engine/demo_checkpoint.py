@@ -6,7 +6,8 @@ loading code as production: ``AutoTokenizer`` + ``AutoModelForCausalLM`` +
 ``PeftModel``. So we build, offline and in seconds:
 
 * a byte-level BPE tokenizer trained on the Thai text in ``assets/``, with
-  Qwen's special tokens and ChatML chat template;
+  Qwen's special tokens, its ``<tool_call>``/``</tool_call>`` tokens and
+  Qwen2.5-Instruct's chat template (tool calling included);
 * a randomly initialised ``Qwen2ForCausalLM`` (its output is not meaningful);
 * a peft LoRA adapter on the attention projections, saved with the tokenizer,
   like the real ``models/qwen_thai_lora``.
@@ -23,20 +24,72 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-# Qwen2.5-Instruct's ChatML template, without the tool-calling branches.
-CHATML_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# Tool-call tags. Qwen2.5's tokenizer has each as one added token that is *not* special
+# (``"special": false`` in its tokenizer_config.json), so ``skip_special_tokens=True``
+# keeps them in the decoded text, where the hermes-style parser finds them.
+TOOL_CALL_TOKENS = ["<tool_call>", "</tool_call>"]
+
+# Qwen2.5-Instruct's chat template, verbatim (tokenizer_config.json of
+# Qwen/Qwen2.5-{0.5B..72B}-Instruct): the ``tools`` branch puts the function signatures in
+# the system turn inside <tools></tools>; assistant ``tool_calls`` are rendered as
+# ``<tool_call>\n{"name": ..., "arguments": <arguments | tojson>}\n</tool_call>`` (so
+# ``arguments`` must be a dict here; api.serving.tools.template_messages parses the
+# OpenAI JSON string); role ``tool`` messages become <tool_response> blocks in a user turn.
+CHATML_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
 
 
 def _corpus_lines() -> list[str]:
@@ -74,6 +127,19 @@ def train_tokenizer(vocab_size: int):
     return fast
 
 
+def add_tool_call_tokens(tokenizer) -> None:
+    """Give ``tokenizer`` Qwen2.5's ``<tool_call>``/``</tool_call>`` tokens, after its vocabulary.
+
+    Plain added tokens (``special=False``, as Qwen's ids 151657/151658): each tag encodes
+    to one id and still decodes with ``skip_special_tokens=True``. Kept out of
+    :func:`train_tokenizer`, whose callers (bench/random_model.py pads its vocabulary
+    after the trained ids) expect only the trained vocabulary.
+    """
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_TOKENS])
+
+
 def build_demo_checkpoint(
     out_dir: str | Path,
     *,
@@ -99,9 +165,15 @@ def build_demo_checkpoint(
     torch.manual_seed(seed)
 
     tokenizer = train_tokenizer(vocab_size)
+    n_trained = len(tokenizer)
+    add_tool_call_tokens(tokenizer)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    # The model is built on the trained vocabulary and then grown by the tool-call tokens with
+    # zero embeddings: every other weight is what it was before those tokens existed (the same
+    # seed draws the same numbers), and a zero row scores 0 under the tied head, below the
+    # peaked maximum, so greedy outputs are unchanged. Grammar-forced tool calls still emit them.
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=n_trained,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or hidden_size * 3,
         num_hidden_layers=num_layers,
@@ -115,6 +187,9 @@ def build_demo_checkpoint(
         pad_token_id=eos_ids[1],
     )
     model = Qwen2ForCausalLM(config).eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # leave the LoRA init's draws alone
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # config.vocab_size too
+        model.get_input_embeddings().weight[n_trained:] = 0.0
     model.generation_config = GenerationConfig(
         eos_token_id=eos_ids, pad_token_id=eos_ids[1], bos_token_id=eos_ids[1],
         do_sample=True, temperature=0.7, top_p=0.9,
