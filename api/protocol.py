@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -26,15 +26,72 @@ class TextPart(BaseModel):
     text: str = Field(max_length=1_000_000)
 
 
+# Content part types of OpenAI's and vLLM's chat API that carry something other than text.
+NON_TEXT_PARTS = frozenset({"image_url", "image", "input_image", "image_pil", "image_embeds",
+                            "input_audio", "audio_url", "audio", "video_url", "video", "file",
+                            "input_file"})
+
+
+def _text_parts(value: Any) -> Any:
+    """A content list's parts must be text: an image or audio part is refused with the
+    reason (this model reads text) instead of a schema error about a missing ``text``."""
+    if not isinstance(value, list):
+        return value
+    for i, part in enumerate(value):
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            continue  # not a part at all: the schema's own error says so
+        if kind in NON_TEXT_PARTS:
+            raise ValueError(f"content part {i} is of type {kind!r}: this model reads text "
+                             "only (no images, audio, video or files)")
+        if kind != "text":
+            raise ValueError(f"content part {i} has unknown type {kind[:64]!r}; only 'text' "
+                             "parts are supported")
+    return value
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(max_length=256)
+    arguments: str = Field(max_length=1_000_000, description="The arguments as JSON text.")
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made (in a response, or sent back in the history)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="Who wrote the message; 'developer' is treated as 'system'."
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="Who wrote the message; 'developer' is treated as 'system'; 'tool' carries "
+        "a tool's result back (with tool_call_id)."
     )
     content: str | list[TextPart] | None = Field(
-        None, description="A string, or a list of text parts that are joined."
+        None, description="A string, or a list of text parts that are joined (text only: image "
+        "and audio parts get HTTP 400)."
     )
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(
+        None, max_length=64, description="assistant messages: the calls it made.")
+    tool_call_id: str | None = Field(None, max_length=256,
+                                     description="tool messages: the call this answers.")
+
+    _parts = field_validator("content", mode="before")(_text_parts)
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id belongs to tool messages")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -85,67 +142,213 @@ def check_json_input(data: Any) -> Any:
 
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completion request, plus vLLM's min_tokens / ignore_eos."""
+MAX_CHOICES = 16          # n: choices generated (as that many sequences) per request
+MAX_TOP_LOGPROBS = 20     # OpenAI's bound for top_logprobs (vLLM's default max_logprobs)
+MAX_LOGIT_BIAS = 1024     # entries of logit_bias
+MAX_STOP_TOKEN_IDS = 64
+
+
+def _check_stop(value: str | list[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    if any(not s for s in stops) or any(len(s) > 256 for s in stops):
+        raise ValueError("stop sequences must be 1 to 256 characters")
+    return stops
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field("response", max_length=256)
+    description: str | None = Field(None, max_length=100_000)
+    # "schema" shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] = Field(alias="schema", description="The JSON schema the "
+                                        "output must match.")
+    strict: bool | None = Field(None, description="Accepted; the output always matches the "
+                                "schema here (grammar-constrained), strict or not.")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON
+    object) or ``json_schema`` (JSON matching ``json_schema.schema``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` (its newer name for the guided_* fields): exactly one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, max_length=10_000)
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = Field(None, max_length=100_000)
+    json_object: bool | None = None
+
+
+class SamplingFields(BaseModel):
+    """The sampling and output fields chat and text completions share: OpenAI's, plus
+    vLLM's extensions (top_k, min_p, repetition_penalty, stop_token_ids,
+    include_stop_str_in_output, min_tokens, ignore_eos, the guided_* fields)."""
 
     # strict: a wrong JSON type (false for a number, "5" for an integer) is a 400, not coerced.
     model_config = ConfigDict(extra="allow", strict=True)
     _valid_input = model_validator(mode="before")(check_json_input)
 
     model: str | None = Field(None, max_length=256, description="Served model name.")
-    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    max_completion_tokens: int | None = Field(
-        None, ge=1, description="Same as max_tokens (newer OpenAI name); wins when both are set."
-    )
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; default: "
+                                   "the rest of the context window, at most THAI_MAX_TOKENS_LIMIT.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0: greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, description="Up to 8 stop strings.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"Choices to generate (at most {MAX_CHOICES}).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    user: str | None = Field(None, max_length=256)
-    # vLLM extensions, needed by benchmarks for fixed-length outputs.
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit, -100 to 100.")
+    user: str | None = Field(None, max_length=256, description="Accepted and ignored (an "
+                             "end-user id for abuse monitoring; nothing here uses it).")
+    response_format: ResponseFormat | None = None
+    # vLLM extensions.
+    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; "
+                              "0 or -1: all (vLLM).")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens less likely than "
+                                "min_p times the most likely one (vLLM).")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="Divide the "
+                                             "logits of tokens already in the prompt or output "
+                                             "(vLLM); 1: off.")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                             description="Token ids that end generation (vLLM).")
+    include_stop_str_in_output: bool = Field(False, description="Keep the stop string or stop "
+                                             "token at the end of the text (vLLM).")
     min_tokens: int = Field(0, ge=0, description="Generate at least this many tokens (vLLM).")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (vLLM).")
-    no_repeat_ngram_size: int | None = Field(None, ge=0, le=32, description="Extension.")
+    guided_json: dict[str, Any] | str | None = Field(None, description="JSON schema the output "
+                                                     "must match (vLLM).")
+    guided_regex: str | None = Field(None, max_length=10_000, description="Regex the output "
+                                     "must match (vLLM).")
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=1024,
+                                            description="The output is one of these (vLLM).")
+    guided_grammar: str | None = Field(None, max_length=100_000, description="A Lark grammar "
+                                       "(llguidance's dialect) the output must match (vLLM).")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's newer form "
+                                                         "of the guided_* fields.")
 
-    @field_validator("stop")
+    _stop = field_validator("stop")(_check_stop)
+
+    @field_validator("logit_bias")
     @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
+    def _check_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is None:
             return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(not s for s in stops) or any(len(s) > 256 for s in stops):
-            raise ValueError("stop sequences must be 1 to 256 characters")
-        return stops
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
+        for key, bias in value.items():
+            if not key.isdigit() or len(key) > 12:
+                raise ValueError(f"logit_bias keys are token ids, not {key[:32]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values are -100 to 100, not {bias}")
+        return value
+
+    # The fields an upstream engine receives as the client sent them (it honours them
+    # itself); the sampling core (max_tokens, temperature, top_p, stop, seed, min_tokens,
+    # ignore_eos) goes through SamplingParams.
+    PASSED_ON: ClassVar[tuple[str, ...]] = ("frequency_penalty", "presence_penalty", "logit_bias", "response_format",
+                 "top_k", "min_p", "repetition_penalty", "stop_token_ids",
+                 "include_stop_str_in_output", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar", "structured_outputs", "no_repeat_ngram_size")
+
+    def passthrough_fields(self) -> dict[str, object]:
+        """What an upstream engine sends on besides our sampling: every field above that the
+        client set, and unknown ones (an upstream may know them)."""
+        fields = dict(self.model_extra or {})
+        for name in self.PASSED_ON:
+            if name in self.model_fields_set:
+                fields[name] = self.model_dump(by_alias=True, include={name})[name]
+        return fields
+
+    def unknown_fields(self) -> list[str]:
+        return list((self.model_extra or {}).keys())
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"] = "function"
+    function: "FunctionDefinition"
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a-z, A-Z, 0-9, _ . - "
+                      "(OpenAI's rule), at most 64 characters.")
+    description: str | None = Field(None, max_length=100_000)
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments.")
+    strict: bool | None = Field(None, description="Accepted; forced calls always match the "
+                                "schema here.")
+
+
+class NamedToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"] = "function"
+    function: NamedToolChoiceFunction
+
+
+ChatTool.model_rebuild()
+
+
+class ChatCompletionRequest(SamplingFields):
+    """OpenAI's chat completion request, plus vLLM's extensions (see SamplingFields)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Same as max_tokens (newer OpenAI name); wins when both are set."
+    )
+    logprobs: bool = Field(False, description="Return each output token's log probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="With logprobs: the most likely alternatives "
+                                     "at each position.")
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default: auto with tools, none without.")
+    parallel_tool_calls: bool | None = Field(None, description="Whether several calls may "
+                                             "come in one answer (default true).")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=32, description="Extension: block "
+                                             "repeated n-grams; 0 (default here): off.")
+
+    @model_validator(mode="after")
+    def _chat_rules(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tool function names must be unique")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is "
+                             "not among the tools")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
-
-    def passthrough_fields(self) -> dict[str, object]:
-        """Fields sent that this server does not act on, for an engine whose upstream may
-        (vLLM's ``repetition_penalty``, OpenAI's penalties); the local engine ignores them."""
-        fields = dict(self.model_extra or {})
-        if "no_repeat_ngram_size" in self.model_fields_set:  # our sampler's; sent when asked for
-            fields["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                fields[name] = getattr(self, name)
-        return fields
-
-    def unsupported_fields(self) -> list[str]:
-        """Fields sent that we do not honour (logged, never an error)."""
-        extra = list((self.model_extra or {}).keys())
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                extra.append(name)
-        return extra
 
 
 class Usage(BaseModel):
@@ -155,18 +358,34 @@ class Usage(BaseModel):
 
 
 FinishReason = Literal["stop", "length"]
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatCompletionTokenLogprob] | None = None
 
 
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
-    finish_reason: FinishReason
-    logprobs: None = None
+    finish_reason: ChatFinishReason
+    logprobs: ChoiceLogprobs | None = None
 
 
 def _completion_id() -> str:
@@ -183,22 +402,39 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class DeltaMessage(BaseModel):
-    """A streamed delta; absent fields are left out of the JSON, as OpenAI does."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class _DropsNone(BaseModel):
+    """A streamed delta's part: absent fields are left out of the JSON, as OpenAI does."""
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class DeltaFunctionCall(_DropsNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_DropsNone):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class DeltaMessage(_DropsNone):
+    """A streamed delta; absent fields are left out of the JSON, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
 class ChatCompletionChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
+    finish_reason: ChatFinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -215,42 +451,23 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_PROMPT_TOKEN_IDS = 131_072
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingFields):
     """OpenAI's legacy completion request as vLLM serves it, one prompt per request.
 
     ``prompt`` is a text or a list of token ids (or a list holding exactly one of those).
-    Fields this server does not honour are refused by the serving layer (a 400 naming
-    them) unless the engine is an upstream one, which passes them on; their no-op values
-    (``n: 1``, ``logprobs: null``, ``best_of: 1``, zero penalties) are always accepted.
+    Unknown fields are refused by the serving layer (a 400 naming them) unless the engine
+    is an upstream one, which passes them on.
     """
 
-    model_config = ConfigDict(extra="allow", strict=True)
-    _valid_input = model_validator(mode="before")(check_json_input)
-
-    model: str | None = Field(None, max_length=256, description="Served model name.")
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="A text, or a list of token ids; a list of several prompts is refused.")
     suffix: str | None = Field(None, description="Not supported (a 400 when given).")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(None, description="Up to 8 stop strings.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    echo: bool = Field(False, description="Put the prompt's text before the completion.")
-    user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
-    n: int = Field(1, ge=1, description="Only 1 is supported.")
-    best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
-    logprobs: int | None = Field(None, ge=0, description="Not supported (only null).")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    # vLLM extensions, and ours (off unless asked: plain completions block no n-grams).
-    min_tokens: int = Field(0, ge=0, description="Generate at least this many tokens (vLLM).")
-    ignore_eos: bool = Field(False, description="Keep generating past EOS (vLLM).")
+    echo: bool = Field(False, description="Put the prompt before the completion (with "
+                       "logprobs: the prompt's log probabilities too).")
+    best_of: int | None = Field(None, ge=1, description="Only null or equal to n.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Return each "
+                                 "token's log probability and this many alternatives.")
     no_repeat_ngram_size: int = Field(0, ge=0, le=32, description="Extension; 0: off.")
-
-    _check_stop = field_validator("stop")(ChatCompletionRequest._check_stop.__func__)
 
     @field_validator("prompt")
     @classmethod
@@ -269,23 +486,21 @@ class CompletionRequest(BaseModel):
             raise ValueError("the prompt is empty")
         return value
 
-    def unhonoured_fields(self) -> dict[str, object]:
-        """Fields sent with a value this server does not act on: the unknown ones, and the
-        known ones away from their no-op values."""
-        fields = dict(self.model_extra or {})
-        for name, no_op in (("n", 1), ("best_of", 1), ("logprobs", None),
-                            ("frequency_penalty", 0), ("presence_penalty", 0)):
-            value = getattr(self, name)
-            if value is not None and value != no_op:
-                fields[name] = value
-        return fields
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' log probabilities, one entry per token (prompt tokens first
+    with ``echo``; the prompt's first token has no log probability)."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 def _text_completion_id() -> str:
@@ -317,9 +532,10 @@ SummarizeStrategy = Literal["auto", "single"]
 
 
 class SummarizeRequest(BaseModel):
-    """The seed's summarize request, plus long-text strategy and streaming."""
+    """The seed's summarize request, plus long-text strategy and streaming. Any other field
+    is a 400 naming it: nothing sent is silently ignored."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
     _valid_input = model_validator(mode="before")(check_json_input)
     text: str = Field(min_length=1, max_length=200_000, description="Thai text to summarize.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens in the summary.")
@@ -446,6 +662,9 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool | None = Field(
         None, description="messages only: end with the assistant turn's header, as a chat "
         "completion does (default true).")
+    tools: list["ChatTool"] | None = Field(None, max_length=128, description="messages only: the "
+                                           "tools, rendered by the template as a chat "
+                                           "completion with them is.")
     add_special_tokens: bool | None = Field(
         None, description="Add the tokenizer's special tokens (BOS, if it has one); default "
         "true for prompt, false for messages (the chat template has its own).")
@@ -457,6 +676,8 @@ class TokenizeRequest(BaseModel):
             raise ValueError("give exactly one of `prompt` (text) or `messages` (a chat)")
         if self.prompt is not None and self.add_generation_prompt is not None:
             raise ValueError("`add_generation_prompt` applies to `messages` only")
+        if self.prompt is not None and self.tools is not None:
+            raise ValueError("`tools` applies to `messages` only")
         return self
 
     @property

@@ -74,7 +74,8 @@ class ModelSettings(BaseSettings):
         3.0, gt=0, le=60, description="Seconds to wait when checking whether the hub is reachable."
     )
     max_new_tokens: int = Field(
-        150, ge=1, le=8192, description="Default number of tokens to generate."
+        150, ge=1, le=8192, description="Default number of tokens to generate for summaries and "
+        "the UI (the OpenAI routes default to the rest of the context window)."
     )
     max_tokens_limit: int = Field(
         2048, ge=1, le=32768, description="Largest max_tokens a request may ask for."
@@ -85,7 +86,8 @@ class ModelSettings(BaseSettings):
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Default nucleus sampling top_p.")
     no_repeat_ngram_size: int = Field(
-        3, ge=0, le=32, description="Default n-gram size that may not repeat (0 disables)."
+        3, ge=0, le=32, description="N-gram size that may not repeat in summaries and the UI's "
+        "chat (0 disables); the OpenAI routes block none unless a request asks."
     )
     summary_prompt: str = Field(
         DEFAULT_SUMMARY_PROMPT,

@@ -72,7 +72,7 @@ def test_unknown_model_is_not_found(client):
 
 def test_invalid_bodies(client, live_server):
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="thai-qwen-lora", messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(model="thai-qwen-lora", messages=[{"role": "user", "content": "x"}], n=17)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="thai-qwen-lora", messages=[], max_tokens=5)
     r = httpx.post(live_server.url + "/v1/chat/completions", content=b"{not json",

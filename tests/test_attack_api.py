@@ -97,8 +97,11 @@ def test_deeply_nested_json_is_a_400_with_no_traceback(server, depth):
 
 
 def test_nesting_a_real_request_needs_still_works(server):
+    nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}}}}}
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "สวัสดี"}]}],
-            "max_tokens": 2, "metadata": {"a": {"b": {"c": [[[1]]]}}}}
+            "max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "nested", "schema": nested}}}
     assert httpx.post(server.url + CHAT, json=body, headers=AUTH).status_code == 200
 
 
@@ -107,11 +110,12 @@ FORGED = "2026-01-01 00:00:00,000 CRITICAL thai.server [-]: FORGED admin login f
 
 
 def test_field_names_cannot_forge_log_lines(server):
-    """Before: the unknown field's name went to the log as is, newline included."""
+    """Before: the unknown field's name went to the log as is, newline included. (Unknown
+    fields are refused now, and the refusal is logged with the name.)"""
     offset = log_size(server)
     for evil in (f"x\n{FORGED}", f"x\r\n{FORGED}", f"x\x1b[2K\r{FORGED}", f"x\u2028{FORGED}"):
         body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, evil: 1}
-        assert httpx.post(server.url + CHAT, json=body, headers=AUTH).status_code == 200
+        assert httpx.post(server.url + CHAT, json=body, headers=AUTH).status_code == 400
     written = log_since(server, offset)
     assert "FORGED" in written  # the name is logged ...
     assert not any(line.startswith(FORGED[:23]) for line in written.splitlines())  # ... on its own line never
@@ -126,7 +130,7 @@ def test_a_huge_field_name_does_not_flood_the_log_or_the_answer(server):
     r = httpx.post(server.url + CHAT, headers={**AUTH, "Content-Type": "application/json"},
                    content=json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
                                        name: 1}))
-    assert r.status_code == 200
+    assert r.status_code == 400 and len(r.content) < 2048  # refused, the name clipped
     written = log_since(server, offset)
     assert len(written) < 8192
     assert max(len(line) for line in written.splitlines()) <= MAX_LOG_LINE

@@ -75,7 +75,7 @@ CASES = {
     "too many messages": (CHAT, json.dumps({"messages": [{"role": "user", "content": "x"}] * 200}).encode(), JSON, 400, "too_many_messages"),
     "more than 512 messages": (CHAT, json.dumps({"messages": [{"role": "user", "content": "x"}] * 600}).encode(), JSON, 400, None),
     "nine stop sequences": (CHAT, chat("hi", stop=[str(i) for i in range(9)]), JSON, 400, None),
-    "n of 2": (CHAT, chat("hi", n=2), JSON, 400, None),
+    "n of 17": (CHAT, chat("hi", n=17), JSON, 400, None),
     "unknown model": (CHAT, chat("hi", model="gpt-4"), JSON, 404, "model_not_found"),
 }
 

@@ -97,17 +97,29 @@ def test_no_op_values_are_accepted(fake):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("field, value", [
-    ("logprobs", 1), ("n", 2), ("best_of", 2), ("frequency_penalty", 0.5),
-    ("presence_penalty", -1.0), ("logit_bias", {"1": 5}), ("repetition_penalty", 1.1),
+@pytest.mark.parametrize("field, value, attribute, expected", [
+    ("logprobs", 1, "logprobs", 1), ("frequency_penalty", 0.5, "frequency_penalty", 0.5),
+    ("presence_penalty", -1.0, "presence_penalty", -1.0), ("logit_bias", {"1": 5}, "logit_bias", ((1, 5.0),)),
+    ("repetition_penalty", 1.1, "repetition_penalty", 1.1), ("top_k", 3, "top_k", 3),
+    ("min_p", 0.2, "min_p", 0.2), ("stop_token_ids", [7], "stop_token_ids", (7,)),
 ])
-def test_unhonoured_fields_are_refused_by_name(fake, field, value):
+def test_sampling_fields_reach_the_engine(fake, field, value, attribute, expected):
     client, engine = fake
     r = complete(client, **{field: value})
-    assert r.status_code == 400
-    error = r.json()["error"]
-    assert error["param"] == field and field in error["message"]
-    assert not engine.requests
+    assert r.status_code == 200, r.text
+    assert getattr(engine.requests[-1].params, attribute) == expected
+
+
+def test_n_choices_are_separate_sequences_and_unknown_fields_are_refused(fake):
+    client, engine = fake
+    r = complete(client, prompt="abc", n=3, best_of=3, seed=5)
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
+    assert [g.params.seed for g in engine.requests[-3:]] == [5, 6, 7]
+    assert r.json()["usage"]["prompt_tokens"] == 3, "the prompt is counted once"
+    for body, param in (({"best_of": 2}, "best_of"), ({"stream_interval": 2}, "stream_interval")):
+        r = complete(client, **body)
+        assert r.status_code == 400 and param in r.json()["error"]["message"], r.text
 
 
 def test_suffix_is_refused(fake):
@@ -200,8 +212,9 @@ def test_live_stream(client):
 def test_live_refusals(client):
     with pytest.raises(openai.BadRequestError, match="suffix"):
         client.completions.create(model="thai-qwen-lora", prompt=PROMPT, suffix="x", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model="thai-qwen-lora", prompt=PROMPT, logprobs=2, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="guided_decoding_backend"):
+        client.completions.create(model="thai-qwen-lora", prompt=PROMPT, max_tokens=2,
+                                  extra_body={"guided_decoding_backend": "xgrammar"})
 
 
 def test_an_upstream_engine_gets_the_unknown_fields():

@@ -44,7 +44,8 @@ def test_chat_completion_shape(client):
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "thai-qwen-lora"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "สวัสดี"[::-1]}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "สวัสดี"[::-1],
+                                             "tool_calls": []}  # vLLM's shape
     assert body["choices"][0]["finish_reason"] == "stop"
     usage = body["usage"]
     assert usage["completion_tokens"] == 6
@@ -79,7 +80,7 @@ def test_unknown_model_is_404(client):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"temperature": 2.5}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"messages": []}, "messages"),
@@ -103,11 +104,26 @@ def test_malformed_json_is_400(client):
     assert "JSON" in r.json()["error"]["message"]
 
 
-def test_unsupported_fields_are_ignored(client, caplog):
-    caplog.set_level(logging.INFO, logger="thai.serving")
-    r = chat(client, logit_bias={"1": 2}, frequency_penalty=0.5)
-    assert r.status_code == 200
-    assert "logit_bias" in caplog.text
+def test_sampling_fields_reach_the_engine_and_unknown_ones_are_refused():
+    client, engine = make_client()
+    with client:
+        _check_sampling_fields(client, engine)
+
+
+def _check_sampling_fields(client, engine):
+    r = chat(client, logit_bias={"1": 2}, frequency_penalty=0.5, top_k=4, min_p=0.1,
+             repetition_penalty=1.2, stop_token_ids=[5], include_stop_str_in_output=True)
+    assert r.status_code == 200, r.text
+    p = engine.requests[-1].params
+    assert (p.logit_bias, p.frequency_penalty, p.top_k, p.min_p, p.repetition_penalty,
+            p.stop_token_ids, p.include_stop_str_in_output) == (((1, 2.0),), 0.5, 4, 0.1, 1.2,
+                                                                (5,), True)
+    assert p.no_repeat_ngram_size == 0, "the OpenAI routes do not block n-grams by default"
+    r = chat(client, best_of=2, reasoning_effort="low")
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "unsupported_field" and error["param"] == "best_of"
+    assert "best_of" in error["message"] and "reasoning_effort" in error["message"]
 
 
 def test_blank_user_message_is_400(client):

@@ -377,9 +377,12 @@ class UIHandlers:
         if is_blank(messages[-1]["content"]):
             raise ui_error("empty_message")
         try:
-            request = ChatCompletionRequest(model=self.serving.model_name, messages=messages,
-                                            max_tokens=int(max_tokens),
-                                            temperature=float(temperature))
+            # The seed's defaults for people: no repeated 3-grams (the OpenAI route's
+            # default is plain decoding).
+            request = ChatCompletionRequest(
+                model=self.serving.model_name, messages=messages, max_tokens=int(max_tokens),
+                temperature=float(temperature),
+                no_repeat_ngram_size=self.serving.settings.no_repeat_ngram_size)
             generation = await self.serving.chat_request(request)
         except Exception as exc:
             raise error_for(exc) from None

@@ -1,13 +1,21 @@
-"""OpenAI chat completions: requests to engine calls, engine output to responses and SSE."""
+"""OpenAI chat completions: requests to engine calls, engine output to responses and SSE.
+
+Tool calling follows Qwen2.5's chat template: the template renders ``tools`` into the
+system turn; the model answers with ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``
+blocks, which :mod:`api.serving.tool_parser` turns back into ``tool_calls``. With
+``tool_choice`` ``required`` or a named function the engine's grammar forces such a block
+whose arguments match the function's JSON schema; with ``auto`` the model decides.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
-from api.engine import GenerationChunk, GenerationRequest
+from api.engine import GenerationChunk, GenerationRequest, GrammarSpec
 from api.engine.base import GenerationStream
 from api.errors import InvalidRequestError, clip
 from api.protocol import (
@@ -17,81 +25,228 @@ from api.protocol import (
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    NamedToolChoice,
+    TokenizeRequest,
+    ToolCall,
     Usage,
 )
 from api.serving.common import ServingBase, request_id, sse_relay, usage
+from api.serving.logprobs import TokenNames, chat_logprobs
+from api.serving.tool_parser import (
+    ContentDelta,
+    StreamingToolCallParser,
+    ToolCallDelta,
+    parse_tool_calls,
+)
+from api.serving.tools import template_messages, template_tools, tool_call_grammar, tool_call_tags
 from api.text import is_blank, normalize_text
 
 log = logging.getLogger("thai.serving")
 
 
+@dataclasses.dataclass
+class ChatPlan:
+    """What one chat request turned into: the engine's requests (one per choice) and how
+    to read their output back."""
+
+    gens: list[GenerationRequest]
+    tool_names: set[str]          # parse tool calls out of the text (empty: plain text)
+    logprobs: bool
+
+
 class ChatServing(ServingBase):
     """``POST /v1/chat/completions`` and the UI's chat tab."""
 
-    def chat_messages(self, request: ChatCompletionRequest) -> list[dict[str, str]]:
+    def chat_messages(self, request: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
+        """The messages normalized, in OpenAI's shape (tool calls' arguments still JSON
+        text): what an upstream engine is sent; :meth:`template_input` adapts them to the
+        chat template."""
         if len(request.messages) > self.settings.max_messages:
             raise InvalidRequestError(
                 f"{len(request.messages)} messages is more than this server's limit of "
                 f"{self.settings.max_messages} (THAI_MAX_MESSAGES)", param="messages",
                 code="too_many_messages")
-        messages = []
+        messages: list[dict] = []
         for message in request.messages:
             role = "system" if message.role == "developer" else message.role
-            messages.append({"role": role, "content": normalize_text(message.text())})
+            item: dict = {"role": role, "content": normalize_text(message.text())}
+            if message.tool_calls:
+                item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+            if message.tool_call_id is not None:
+                item["tool_call_id"] = message.tool_call_id
+            messages.append(item)
         if all(is_blank(m["content"]) for m in messages if m["role"] == "user") and any(
                 m["role"] == "user" for m in messages):
             raise InvalidRequestError("the user messages are empty (only whitespace or invisible "
                                       "characters)", param="messages")
         return messages
 
-    async def chat_request(self, request: ChatCompletionRequest) -> GenerationRequest:
-        self.check_model(request.model)
-        ignored = request.unsupported_fields()
-        if ignored:  # names chosen by the client: a few, each clipped (the log filter escapes them)
-            names = sorted(clip(name, 64) for name in ignored)
-            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-            log.info("ignoring unsupported request field(s): %s%s", ", ".join(names[:8]), more)
-        params = self.sampling_params(
-            max_tokens=request.requested_max_tokens(), temperature=request.temperature,
-            top_p=request.top_p, stop=request.stop, seed=request.seed,
-            min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
-            no_repeat_ngram_size=request.no_repeat_ngram_size)
+    def template_input(self, request: ChatCompletionRequest | TokenizeRequest) -> tuple[list[dict], list[dict], list[dict]]:
+        """The chat three ways: as normalized (what an upstream engine is sent), as the chat
+        template takes it (tool-call arguments parsed), and the tools for the template."""
         messages = self.chat_messages(request)
-        return GenerationRequest(prompt_ids=await self.encode(messages), params=params,
-                                 request_id=request_id(), messages=messages,
-                                 passthrough=request.passthrough_fields())
+        tools = template_tools([t.model_dump(exclude_none=True) for t in request.tools or ()])
+        try:
+            templated = template_messages(messages)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="messages") from None
+        return messages, templated, tools
+
+    def check_chat_fields(self, request: ChatCompletionRequest) -> None:
+        """A field this server would not act on is a 400 naming it (an upstream engine
+        passes unknown fields on; what its relay cannot carry back is refused)."""
+        upstream = self.engine.info.engine == "openai"
+        unknown = sorted(clip(name, 64) for name in request.unknown_fields())
+        if unknown and not upstream:
+            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+            # names chosen by the client: a few, each clipped (the log filter escapes them)
+            log.info("refused unsupported field(s): %s%s", ", ".join(unknown[:8]), more)
+            raise InvalidRequestError(
+                f"unsupported field(s): {', '.join(unknown[:8])}{more}; see the README's list "
+                "of supported fields", param=unknown[0], code="unsupported_field")
+        if upstream:
+            for name, used in (("n", request.n > 1), ("logprobs", request.logprobs),
+                               ("tools", bool(request.tools))):
+                if used:
+                    raise InvalidRequestError(
+                        f"{name} is not available with THAI_ENGINE=openai: only text is "
+                        "relayed from the upstream servers", param=name, code="unsupported_field")
+
+    def tool_grammar(self, request: ChatCompletionRequest) -> GrammarSpec | None:
+        """The grammar that forces a tool call (tool_choice required or named), else None."""
+        choice = request.tool_choice
+        if not request.tools or choice in (None, "none", "auto"):
+            return None
+        functions = [tool.function.model_dump(exclude_none=True) for tool in request.tools]
+        if isinstance(choice, NamedToolChoice):
+            functions = [f for f in functions if f["name"] == choice.function.name]
+            parallel = False
+        else:
+            parallel = request.parallel_tool_calls is not False
+        return GrammarSpec("lark", tool_call_grammar(functions, parallel=parallel,
+                                                     tags=tool_call_tags(self.engine)))
+
+    async def chat_plan(self, request: ChatCompletionRequest) -> ChatPlan:
+        self.check_model(request.model)
+        self.check_chat_fields(request)
+        messages, templated, tools = self.template_input(request)
+        prompt_ids = await self.encode(templated, tools or None)
+        forced = self.tool_grammar(request)
+        if forced is not None and (request.response_format is not None
+                                   and request.response_format.type != "text"):
+            raise InvalidRequestError("response_format cannot be combined with a forced tool "
+                                      "call (tool_choice required or a named function)",
+                                      param="response_format", code="invalid_structured_output")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        no_repeat = request.no_repeat_ngram_size or 0
+        params = await self.openai_params(
+            request, prompt_tokens=len(prompt_ids), max_tokens=request.requested_max_tokens(),
+            no_repeat_ngram_size=no_repeat, logprobs=logprobs, grammar=forced,
+            grammar_param="tool_choice" if forced is not None else None)
+        rid = request_id()
+        gens = []
+        for i in range(request.n):
+            seed = None if params.seed is None else (params.seed + i) % 2**63
+            gens.append(GenerationRequest(
+                prompt_ids=prompt_ids, params=dataclasses.replace(params, seed=seed),
+                request_id=rid if request.n == 1 else f"{rid}-{i}", messages=messages,
+                passthrough=request.passthrough_fields()))
+        parse = request.tools and request.tool_choice != "none"
+        names = {t.function.name for t in request.tools or ()} if parse else set()
+        return ChatPlan(gens, names, request.logprobs)
+
+    async def chat_request(self, request: ChatCompletionRequest) -> GenerationRequest:
+        """One engine request (the UI's chat and the batch runner: one choice, plain text)."""
+        return (await self.chat_plan(request)).gens[0]
 
     async def chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        result = await self.complete(await self.chat_request(request))
+        plan = await self.chat_plan(request)
+        results = await self.complete_all(plan.gens)
+        names = TokenNames(self.engine)
+        choices = []
+        for index, result in enumerate(results):
+            content, calls = result.text, []
+            if plan.tool_names:
+                parsed_content, parsed = parse_tool_calls(result.text, plan.tool_names)
+                if parsed:
+                    content, calls = parsed_content, [
+                        ToolCall(id=_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+                        for c in parsed]
+            choices.append(ChatCompletionChoice(
+                index=index, message=ChatCompletionMessage(content=content, tool_calls=calls),
+                finish_reason="tool_calls" if calls else result.finish_reason,
+                logprobs=chat_logprobs(names, result.logprobs) if plan.logprobs else None))
         return ChatCompletionResponse(
-            model=self.model_name,
-            choices=[ChatCompletionChoice(message=ChatCompletionMessage(content=result.text),
-                                          finish_reason=result.finish_reason)],
-            usage=usage(result.prompt_tokens, result.completion_tokens),
-        )
+            model=self.model_name, choices=choices,
+            usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)))
 
     async def chat_completion_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
         """Admit now (errors raise before streaming), then yield SSE ``data:`` lines."""
-        stream = await self.open_stream(await self.chat_request(request))
+        plan = await self.chat_plan(request)
+        streams = await self.open_streams(plan.gens)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return self._sse(stream, include_usage)
+        return self._sse(streams, plan, include_usage)
 
-    def _sse(self, stream: GenerationStream, include_usage: bool) -> AsyncIterator[str]:
+    def _sse(self, streams: Sequence[GenerationStream], plan: ChatPlan,
+             include_usage: bool) -> AsyncIterator[str]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        parsers = [StreamingToolCallParser(plan.tool_names) if plan.tool_names else None
+                   for _ in streams]
+        names = TokenNames(self.engine)
 
         def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
             chunk = ChatCompletionChunk(id=ident, created=created, model=self.model_name,
                                         choices=choices, usage=usage)
             return f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
 
-        def delta(chunk: GenerationChunk) -> str | None:
-            if not (chunk.text or chunk.finished):
-                return None
-            return event([ChatCompletionChunkChoice(
-                delta=DeltaMessage(content=chunk.text) if chunk.text else DeltaMessage(),
-                finish_reason=chunk.finish_reason if chunk.finished else None)])
+        def deltas(index: int, chunk: GenerationChunk) -> list[DeltaMessage]:
+            parser = parsers[index]
+            if parser is None:
+                return [DeltaMessage(content=chunk.text)] if chunk.text else []
+            pieces = parser.feed(chunk.text) if chunk.text else []
+            if chunk.finished:
+                pieces += parser.finish()
+            out = []
+            for piece in pieces:
+                if isinstance(piece, ContentDelta):
+                    out.append(DeltaMessage(content=piece.text))
+                elif isinstance(piece, ToolCallDelta):
+                    # As OpenAI streams a call: its id and name with empty arguments, then
+                    # the arguments (the accumulation loop in OpenAI's guide appends every
+                    # delta's arguments, the first one's included).
+                    out.append(DeltaMessage(tool_calls=[DeltaToolCall(
+                        index=piece.index, id=piece.id, type="function",
+                        function=DeltaFunctionCall(name=piece.name, arguments=""))]))
+                    out.append(DeltaMessage(tool_calls=[DeltaToolCall(
+                        index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments))]))
+            return out
 
-        first = event([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-        return sse_relay(stream, [first], delta,
+        def on_chunk(index: int, chunk: GenerationChunk) -> str | None:
+            found = deltas(index, chunk)
+            logprobs = (chat_logprobs(names, chunk.logprobs)
+                        if plan.logprobs and chunk.logprobs else None)
+            if logprobs is not None and not found:
+                found = [DeltaMessage()]
+            lines = [event([ChatCompletionChunkChoice(index=index, delta=delta,
+                                                      logprobs=logprobs if i == 0 else None)])
+                     for i, delta in enumerate(found)]
+            if chunk.finished:
+                parser = parsers[index]
+                reason = "tool_calls" if parser is not None and parser.calls else chunk.finish_reason
+                lines.append(event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(),
+                                                              finish_reason=reason)]))
+            return "".join(lines) or None
+
+        head = [event([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                             content=""))])
+                for i in range(len(streams))]
+        return sse_relay(streams, head, on_chunk,
                          (lambda totals: event([], totals)) if include_usage else None)
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"

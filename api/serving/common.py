@@ -6,18 +6,21 @@ of the model (what anonymous callers may see of it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from api.engine import Engine, GenerationChunk, GenerationRequest, SamplingParams
+from api.engine import Engine, GenerationChunk, GenerationRequest, GrammarSpec, SamplingParams, TokenLogprob
 from api.engine.base import GenerationStream
-from api.errors import InvalidRequestError, ModelNotFoundError, error_content, redact_paths
+from api.engine.errors import GrammarError
+from api.errors import InvalidRequestError, ModelNotFoundError, clip, error_content, redact_paths
 from api.middleware import current_request_id
-from api.protocol import Usage
+from api.protocol import SamplingFields, Usage
+from api.serving.structured import grammar_for
 from api.settings import ModelSettings
 
 INLINE_ENCODE_CHARS = 4000  # shorter texts tokenize in well under a millisecond
@@ -70,6 +73,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 class ServingBase:
@@ -113,13 +118,63 @@ class ServingBase:
                                   else no_repeat_ngram_size),
         )
 
+    async def openai_params(self, request: SamplingFields, *, prompt_tokens: int,
+                            max_tokens: int | None, no_repeat_ngram_size: int,
+                            logprobs: int | None = None, prompt_logprobs: int | None = None,
+                            grammar: GrammarSpec | None = None,
+                            grammar_param: str | None = None) -> SamplingParams:
+        """The OpenAI routes' sampling: vLLM's defaults (no max_tokens: the rest of the
+        window, at most THAI_MAX_TOKENS_LIMIT; no n-gram blocking), its extensions, and
+        the output constraint (``grammar``, else what the request's fields ask for),
+        checked by the engine now so a schema it cannot enforce is a 400."""
+        if max_tokens is None:
+            room = self.engine.info.max_context - prompt_tokens
+            max_tokens = max(1, min(room, self.settings.max_tokens_limit))
+        params = self.sampling_params(
+            max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+            stop=request.stop, seed=request.seed, min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos, no_repeat_ngram_size=no_repeat_ngram_size)
+        if grammar is None:
+            grammar, grammar_param = grammar_for(request)
+        if grammar is not None:
+            try:
+                await self.engine.check_grammar(grammar)
+            except GrammarError as exc:
+                raise InvalidRequestError(f"{grammar_param} cannot be enforced: {exc}",
+                                          param=grammar_param,
+                                          code="invalid_structured_output") from None
+        return dataclasses.replace(
+            params, top_k=max(request.top_k or 0, 0), min_p=request.min_p or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            presence_penalty=request.presence_penalty or 0.0,
+            repetition_penalty=request.repetition_penalty or 1.0,
+            logit_bias=self._token_values(request.logit_bias, "logit_bias"),
+            stop_token_ids=tuple(token for token, _ in self._token_values(
+                {str(t): 0.0 for t in request.stop_token_ids or ()}, "stop_token_ids")),
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar)
+
+    def _token_values(self, values: dict[str, float] | None, param: str) -> tuple[tuple[int, float], ...]:
+        """``{"token id": value}`` as pairs, every id checked against the vocabulary."""
+        if not values:
+            return ()
+        vocab = self.engine.vocab_size
+        pairs = tuple((int(key), value) for key, value in values.items())
+        bad = next((token for token, _ in pairs if token >= vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"{param} names token {clip(str(bad), 32)}, not a token id "
+                                      f"of this model (ids are 0 to {vocab - 1})", param=param,
+                                      code="invalid_token_id")
+        return pairs
+
     # ------------------------------------------------------------ tokens
-    async def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    async def encode(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
         """Apply the chat template and tokenize; long texts off the event loop, so a
         200,000-character paste does not stall every other stream while it is tokenized."""
-        if sum(len(m["content"]) for m in messages) < INLINE_ENCODE_CHARS:
-            return self.engine.encode_chat(messages)
-        return await asyncio.to_thread(self.engine.encode_chat, messages)
+        size = sum(len(m.get("content") or "") for m in messages) + len(json.dumps(tools or []))
+        if size < INLINE_ENCODE_CHARS:
+            return self.engine.encode_chat(messages, tools)
+        return await asyncio.to_thread(self.engine.encode_chat, messages, tools)
 
     async def count_tokens(self, text: str) -> int:
         """The tokenizer's count for ``text``; long texts off the event loop."""
@@ -139,8 +194,33 @@ class ServingBase:
             raise
         return stream
 
+    async def open_streams(self, gens: Sequence[GenerationRequest]) -> list[GenerationStream]:
+        """:meth:`open_stream` for each of ``gens`` (``n`` choices); if one cannot start,
+        those already started are closed before the error is raised."""
+        streams: list[GenerationStream] = []
+        try:
+            for gen in gens:
+                streams.append(await self.open_stream(gen))
+        except BaseException:
+            for stream in streams:
+                await stream.aclose()
+            raise
+        return streams
+
     async def complete(self, gen: GenerationRequest) -> Completion:
         return await self.collect(self.engine.generate(gen))
+
+    async def complete_all(self, gens: Sequence[GenerationRequest]) -> list[Completion]:
+        """Every one of ``gens`` to its end, concurrently (they batch together)."""
+        streams = await self.open_streams(gens)
+        tasks = [asyncio.ensure_future(self.collect(stream)) for stream in streams]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream in streams:
+                await stream.aclose()
 
     @staticmethod
     async def collect(stream: GenerationStream,
@@ -148,10 +228,15 @@ class ServingBase:
         """Read ``stream`` to its end (closing it whatever happens) into one completion;
         ``on_text`` sees each new piece of text as it arrives."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        prompt_logprobs = None
         last: GenerationChunk | None = None
         try:
             async for chunk in stream:
                 parts.append(chunk.text)
+                logprobs.extend(chunk.logprobs)
+                if chunk.prompt_logprobs is not None:
+                    prompt_logprobs = chunk.prompt_logprobs
                 if chunk.text and on_text is not None:
                     on_text(chunk.text)
                 last = chunk
@@ -159,7 +244,7 @@ class ServingBase:
             await stream.aclose()
         assert last is not None and last.finished
         return Completion("".join(parts), last.prompt_tokens, last.completion_tokens,
-                          last.finish_reason or "stop")
+                          last.finish_reason or "stop", logprobs, prompt_logprobs)
 
 
 def request_id() -> str:
@@ -172,26 +257,64 @@ def usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-async def sse_relay(stream: GenerationStream, head: Sequence[str],
-                    event: Callable[[GenerationChunk], str | None],
+async def merged(streams: Sequence[GenerationStream]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """(choice index, chunk) from several streams as the chunks arrive (``n`` choices)."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: GenerationStream) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk, None))
+        except Exception as exc:
+            await queue.put((index, None, exc))
+        await queue.put((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                open_streams -= 1
+            else:
+                yield index, chunk
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def sse_relay(streams: Sequence[GenerationStream], head: Sequence[str],
+                    event: Callable[[int, GenerationChunk], str | None],
                     usage_event: Callable[[Usage], str] | None = None) -> AsyncIterator[str]:
-    """The SSE ``data:`` lines of an OpenAI-style stream (chat and text completions): ``head``
-    first, each chunk as ``event`` makes it (None: nothing to send), the usage after the
-    last one when ``usage_event`` is given, then ``[DONE]``. A mid-stream failure is an
-    OpenAI error event before ``[DONE]``; the stream is closed whatever happens (a client
-    that leaves, even before the first line, stops its generation)."""
+    """The SSE ``data:`` lines of an OpenAI-style stream (chat and text completions, one
+    stream per choice): ``head`` first, each chunk as ``event`` makes it from its choice's
+    index (None: nothing to send), the usage after the last choice finished when
+    ``usage_event`` is given (the prompt counted once, as vLLM does), then ``[DONE]``. A
+    mid-stream failure is an OpenAI error event before ``[DONE]``; the streams are closed
+    whatever happens (a client that leaves, even before the first line, stops them)."""
+    prompt_tokens, completion_tokens = 0, 0
     try:
         for line in head:
             yield line
-        async for chunk in stream:
-            line = event(chunk)
+        async for index, chunk in merged(streams):
+            line = event(index, chunk)
             if line is not None:
                 yield line
-            if chunk.finished and usage_event is not None:
-                yield usage_event(usage(chunk.prompt_tokens, chunk.completion_tokens))
+            if chunk.finished:
+                prompt_tokens = chunk.prompt_tokens
+                completion_tokens += chunk.completion_tokens
+        if usage_event is not None:
+            yield usage_event(usage(prompt_tokens, completion_tokens))
     except Exception as exc:  # mid-stream failure: an OpenAI error event, then [DONE]
         _, body, _ = error_content(exc)
         yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
     finally:  # the client left mid-stream: stop generating for it
-        await stream.aclose()
+        for stream in streams:
+            await stream.aclose()
     yield "data: [DONE]\n\n"

@@ -4,6 +4,7 @@ prompt per request, a text or its token ids, continued as is (no chat template).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -12,34 +13,38 @@ from api.engine import GenerationChunk, GenerationRequest
 from api.errors import InvalidRequestError, clip
 from api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamResponse, Usage
 from api.serving.common import INLINE_ENCODE_CHARS, ServingBase, request_id, sse_relay, usage
+from api.serving.logprobs import TokenNames, completion_logprobs
 
-# Fields whose other values change the response's shape (several choices, log probabilities):
-# refused whatever the engine, since only one choice's text is relayed from an upstream either.
-SHAPE_FIELDS = ("n", "best_of", "logprobs")
+# Prompt log probabilities (echo with logprobs) hold prompt x vocabulary floats while the
+# prompt is prefilled: the prompt is refused above this many (1 GiB of float32).
+MAX_PROMPT_LOGPROB_FLOATS = 2**28
 
 
 class CompletionServing(ServingBase):
     """``POST /v1/completions``."""
 
-    def completion_extras(self, request: CompletionRequest) -> dict[str, object]:
-        """The fields to pass on to an upstream engine; a 400 for what cannot be honoured."""
+    def check_completion_fields(self, request: CompletionRequest) -> None:
+        """A 400 for what cannot be honoured: ``suffix``; unknown fields (an upstream engine
+        passes them on); with an upstream engine, what its text-only relay cannot carry."""
         if request.suffix is not None:
             raise InvalidRequestError("suffix is not supported by this server", param="suffix",
                                       code="unsupported_field")
-        extras = request.unhonoured_fields()
+        if request.best_of is not None and request.best_of != request.n:
+            raise InvalidRequestError(f"best_of ({request.best_of}) other than n ({request.n}) is "
+                                      "not supported (vLLM's V1 engine dropped it too)",
+                                      param="best_of", code="unsupported_field")
         upstream = self.engine.info.engine == "openai"
-        refused = sorted(clip(name, 64) for name in extras if not upstream or name in SHAPE_FIELDS)
-        if refused:  # names chosen by the client: a few, each clipped
-            more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        unknown = sorted(clip(name, 64) for name in request.unknown_fields())
+        if unknown and not upstream:
+            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
             raise InvalidRequestError(
-                f"unsupported field(s) for /v1/completions: {', '.join(refused[:8])}{more} (n and "
-                "best_of may only be 1, logprobs null, the penalties 0)", param=refused[0],
-                code="unsupported_field")
-        if not upstream:
-            return {}
-        if "no_repeat_ngram_size" in request.model_fields_set:  # our sampler's: sent when asked for
-            extras["no_repeat_ngram_size"] = request.no_repeat_ngram_size
-        return extras
+                f"unsupported field(s) for /v1/completions: {', '.join(unknown[:8])}{more}",
+                param=unknown[0], code="unsupported_field")
+        if upstream and (request.n > 1 or request.logprobs is not None):
+            name = "n" if request.n > 1 else "logprobs"
+            raise InvalidRequestError(f"{name} is not available with THAI_ENGINE=openai: only "
+                                      "text is relayed from the upstream servers", param=name,
+                                      code="unsupported_field")
 
     def check_prompt_ids(self, ids: Sequence[int]) -> None:
         vocab = self.engine.vocab_size
@@ -49,14 +54,10 @@ class CompletionServing(ServingBase):
                 f"prompt[{bad}] is {ids[bad]}, not a token id of this model (ids are 0 to "
                 f"{vocab - 1})", param="prompt", code="invalid_token_id")
 
-    async def completion_request(self, request: CompletionRequest) -> tuple[GenerationRequest, str]:
-        """The engine's request, and the text ``echo`` puts first ("" without echo)."""
+    async def completion_request(self, request: CompletionRequest) -> tuple[list[GenerationRequest], str]:
+        """The engine's requests (one per choice), and the text ``echo`` puts first ("" without echo)."""
         self.check_model(request.model)
-        passthrough = self.completion_extras(request)
-        params = self.sampling_params(
-            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-            stop=request.stop, seed=request.seed, min_tokens=request.min_tokens,
-            ignore_eos=request.ignore_eos, no_repeat_ngram_size=request.no_repeat_ngram_size)
+        self.check_completion_fields(request)
         prompt, engine = request.prompt, self.engine
         long = len(prompt) >= INLINE_ENCODE_CHARS  # tokenize (or decode) off the event loop
         if isinstance(prompt, str):
@@ -68,36 +69,75 @@ class CompletionServing(ServingBase):
             ids = list(prompt)
             echo = "" if not request.echo else (
                 await asyncio.to_thread(engine.decode, ids) if long else engine.decode(ids))
-        gen = GenerationRequest(prompt_ids=list(ids), params=params, request_id=request_id(),
-                                passthrough=passthrough, plain_prompt=True)
-        return gen, echo if request.echo else ""
+        prompt_logprobs = request.logprobs if (request.echo and request.logprobs is not None) else None
+        if prompt_logprobs is not None and len(ids) * engine.vocab_size > MAX_PROMPT_LOGPROB_FLOATS:
+            raise InvalidRequestError(
+                f"echo with logprobs is limited to prompts of "
+                f"{MAX_PROMPT_LOGPROB_FLOATS // engine.vocab_size} tokens here; this one has "
+                f"{len(ids)}", param="echo", code="prompt_too_long_for_logprobs")
+        params = await self.openai_params(
+            request, prompt_tokens=len(ids), max_tokens=request.max_tokens,
+            no_repeat_ngram_size=request.no_repeat_ngram_size, logprobs=request.logprobs,
+            prompt_logprobs=prompt_logprobs)
+        rid, passthrough = request_id(), request.passthrough_fields()
+        gens = []
+        for i in range(request.n):
+            seed = None if params.seed is None else (params.seed + i) % 2**63
+            gens.append(GenerationRequest(
+                prompt_ids=list(ids), params=dataclasses.replace(params, seed=seed),
+                request_id=rid if request.n == 1 else f"{rid}-{i}", passthrough=passthrough,
+                plain_prompt=True))
+        return gens, echo if request.echo else ""
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse:
-        gen, echo = await self.completion_request(request)
-        result = await self.complete(gen)
+        gens, echo = await self.completion_request(request)
+        results = await self.complete_all(gens)
+        names = TokenNames(self.engine)
+        choices = []
+        for index, result in enumerate(results):
+            logprobs = None
+            if request.logprobs is not None:
+                prompt_ids = gens[index].prompt_ids if result.prompt_logprobs is not None else ()
+                logprobs = completion_logprobs(
+                    names, result.logprobs, prompt_ids=prompt_ids,
+                    prompt_entries=result.prompt_logprobs or (),
+                    offset=0 if result.prompt_logprobs is not None else len(echo))
+            choices.append(CompletionChoice(index=index, text=echo + result.text,
+                                            finish_reason=result.finish_reason, logprobs=logprobs))
         return CompletionResponse(
-            model=self.model_name,
-            choices=[CompletionChoice(text=echo + result.text, finish_reason=result.finish_reason)],
-            usage=usage(result.prompt_tokens, result.completion_tokens))
+            model=self.model_name, choices=choices,
+            usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)))
 
     async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[str]:
         """Admit now (errors raise before streaming), then the SSE ``data:`` lines: the echoed
         prompt (with ``echo``), the text as it comes, the finish reason, the usage if asked."""
-        gen, echo = await self.completion_request(request)
-        stream = await self.open_stream(gen)
+        gens, echo = await self.completion_request(request)
+        streams = await self.open_streams(gens)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        names = TokenNames(self.engine)
+        offsets = [len(echo)] * len(gens)
 
         def event(choices: list[CompletionChoice], totals: Usage | None = None) -> str:
             chunk = CompletionStreamResponse(id=ident, created=created, model=self.model_name,
                                              choices=choices, usage=totals)
             return f"data: {chunk.model_dump_json()}\n\n"
 
-        def piece(chunk: GenerationChunk) -> str | None:
-            if not (chunk.text or chunk.finished):
+        def piece(index: int, chunk: GenerationChunk) -> str | None:
+            logprobs = None
+            if request.logprobs is not None and (chunk.logprobs or chunk.prompt_logprobs):
+                prompt = chunk.prompt_logprobs or ()
+                logprobs = completion_logprobs(
+                    names, chunk.logprobs, prompt_ids=gens[index].prompt_ids if prompt else (),
+                    prompt_entries=prompt, offset=0 if prompt else offsets[index])
+                offsets[index] = (logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                                  if logprobs.tokens else offsets[index])
+            if not (chunk.text or chunk.finished or logprobs):
                 return None
             return event([CompletionChoice(
-                text=chunk.text, finish_reason=chunk.finish_reason if chunk.finished else None)])
+                index=index, text=chunk.text, logprobs=logprobs,
+                finish_reason=chunk.finish_reason if chunk.finished else None)])
 
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return sse_relay(stream, [event([CompletionChoice(text=echo)])] if echo else [], piece,
+        head = [event([CompletionChoice(index=i, text=echo)]) for i in range(len(gens))] if echo else []
+        return sse_relay(streams, head, piece,
                          (lambda totals: event([], totals)) if include_usage else None)
