@@ -214,3 +214,17 @@ def test_unexpected_error_mid_stream_hides_internals():
         events = sse_events(chat(c, stream=True))
     error = events[-1]["error"]
     assert error["type"] == "internal_server_error" and "secret" not in error["message"]
+
+
+def test_a_forced_tool_call_and_another_output_constraint_are_refused_together(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"guided_regex": "[0-9]+"}, "guided_regex")):
+        r = chat(client, tools=tools, tool_choice="required", **extra)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
+        assert r.json()["error"]["code"] == "invalid_structured_output"
+    r = chat(client, tools=tools, tool_choice={"type": "function", "function": {"name": "g"}})
+    assert r.status_code == 400 and "not among the tools" in r.json()["error"]["message"]
+    r = chat(client, guided_regex="a+", guided_choice=["x"])
+    assert r.status_code == 400 and "only one output constraint" in r.json()["error"]["message"]

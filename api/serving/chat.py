@@ -36,6 +36,7 @@ from api.protocol import (
 )
 from api.serving.common import ServingBase, request_id, sse_relay, usage
 from api.serving.logprobs import TokenNames, chat_logprobs
+from api.serving.structured import grammar_for
 from api.serving.tool_parser import (
     ContentDelta,
     StreamingToolCallParser,
@@ -136,11 +137,12 @@ class ChatServing(ServingBase):
         messages, templated, tools = self.template_input(request)
         prompt_ids = await self.encode(templated, tools or None)
         forced = self.tool_grammar(request)
-        if forced is not None and (request.response_format is not None
-                                   and request.response_format.type != "text"):
-            raise InvalidRequestError("response_format cannot be combined with a forced tool "
-                                      "call (tool_choice required or a named function)",
-                                      param="response_format", code="invalid_structured_output")
+        if forced is not None:
+            _, asked = grammar_for(request)
+            if asked is not None:
+                raise InvalidRequestError(f"{asked} cannot be combined with a forced tool call "
+                                          "(tool_choice required or a named function)",
+                                          param=asked, code="invalid_structured_output")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         no_repeat = request.no_repeat_ngram_size or 0
         params = await self.openai_params(
@@ -160,7 +162,7 @@ class ChatServing(ServingBase):
         return ChatPlan(gens, names, request.logprobs)
 
     async def chat_request(self, request: ChatCompletionRequest) -> GenerationRequest:
-        """One engine request (the UI's chat and the batch runner: one choice, plain text)."""
+        """The first choice's engine request (the UI's chat: one choice, plain text)."""
         return (await self.chat_plan(request)).gens[0]
 
     async def chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
