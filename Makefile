@@ -29,6 +29,8 @@ demo-checkpoint: install
 	$(PY) -m api.engine.demo_checkpoint --out models/demo
 
 # Side-by-side serving benchmark (bench/RESULTS.md); e.g. BENCH_ARGS="--model DIR".
+# llama.cpp joins when given a GGUF of the same checkpoint and a llama-server binary, e.g.
+# BENCH_ARGS="--model DIR --gguf DIR-Q8_0.gguf --llama-server PATH" (skipped, with the reason, otherwise).
 bench: install
 	$(PY) -m bench.run_benchmark $(BENCH_ARGS)
 

@@ -150,6 +150,29 @@ def summarize(system: str, concurrency: int, records: list[RequestRecord], durat
     )
 
 
+# The structured-output row's schema: records with bounded fields, at least 8 of them, so
+# every reply runs to max_tokens like the plain row's (the same token count per request).
+STRUCTURED_SCHEMA = {"type": "object", "properties": {"records": {
+    "type": "array", "minItems": 8, "maxItems": 64, "items": {
+    "type": "object", "properties": {
+        "province": {"type": "string", "maxLength": 16},
+        "population": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
+        "region": {"enum": ["เหนือ", "ใต้", "อีสาน", "กลาง", "ตะวันออก", "ตะวันตก"]}},
+    "required": ["province", "population", "region"], "additionalProperties": False}}},
+    "required": ["records"], "additionalProperties": False}
+
+
+def structured_body(model: str, max_tokens: int):
+    """Our server's fixed-length body with ``response_format`` json_schema (the schema's
+    minimum is longer than ``max_tokens``, so replies are as long as the plain ones)."""
+    plain = chat_body(model, max_tokens, fixed_length=True)
+
+    def body_for(i: int) -> dict:
+        return {**plain(i), "response_format": {"type": "json_schema", "json_schema": {
+            "name": "provinces", "schema": STRUCTURED_SCHEMA, "strict": True}}}
+    return body_for
+
+
 def chat_body(model: str, max_tokens: int, *, fixed_length: bool):
     """Request bodies: ours gets vLLM's fixed-length fields, a peer standard fields only."""
     def body_for(i: int) -> dict:

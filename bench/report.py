@@ -41,6 +41,11 @@ def targets(results: dict) -> list[dict]:
                 _ratio(c16["output_tokens_per_s"], peer16["output_tokens_per_s"]), 1.5)
             add("c=16 TTFT p50 ours / peer (<= 1.0)",
                 _ratio(c16["ttft_p50_ms"], peer16["ttft_p50_ms"]), 1.0, higher_is_better=False)
+    plain = next((r for r in results.get("http", []) if r["system"] == "ours, plain (same run)"), None)
+    constrained = next((r for r in results.get("http", []) if r["system"] == "ours, json_schema"), None)
+    if plain and constrained:
+        add(f"c={constrained['concurrency']} tok/s with a json_schema vs plain, same run (>= 0.80)",
+            _ratio(constrained["output_tokens_per_s"], plain["output_tokens_per_s"]), 0.8)
     c32 = _level(results, OURS, 32)
     if c32 and (results.get("meta") or {}).get("gpu"):
         add("c=32 requests/s on the GPU (>= 20)", c32["requests_per_s"], 20)

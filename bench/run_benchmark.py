@@ -3,6 +3,11 @@ without ``--continuous-batching``) and in-process ``generate``, on one checkpoin
 
     python -m bench.run_benchmark                       # generated demo checkpoint
     python -m bench.run_benchmark --model DIR [--lora DIR]
+    python -m bench.run_benchmark ... --systems ours,llama.cpp --gguf X.gguf --llama-server PATH
+
+llama.cpp (``bench/llamacpp.py``) is in the default systems but runs only when a
+llama-server binary and a GGUF of the same checkpoint are given; otherwise it is
+skipped with the reason printed (and recorded under ``skipped``).
 
 By default it builds a demo checkpoint with a larger hidden size than the test
 one, so the forward pass (not Python) dominates. A LoRA adapter is merged into
@@ -29,12 +34,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
-from bench.loadgen import chat_body, run_level
+from bench import llamacpp, report
+from bench.loadgen import chat_body, run_level, structured_body
 from bench.servers import REPO, ServerPool
 from bench.workload import requests_for
 
-SYSTEMS = ("ours", "transformers-serve", "transformers-serve-cb", "inprocess")
+# llama.cpp runs only when a llama-server and a GGUF of the checkpoint are given (skipped otherwise).
+SYSTEMS = ("ours", "transformers-serve", "transformers-serve-cb", "inprocess", llamacpp.NAME)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "1 by default: on a small shared CPU, OpenMP threads that spin-wait for a "
                    "busy core slow every system down several times over")
     p.add_argument("--max-batch-size", type=int, default=64, help="THAI_MAX_BATCH_SIZE for ours")
+    p.add_argument("--structured-concurrency", type=int, default=16,
+                   help="after its levels, ours runs this level plain and with a json_schema "
+                   "response_format, back to back (0: skip)")
+    p.add_argument("--gguf", help="llama.cpp: a GGUF of the same checkpoint (e.g. Q8_0)")
+    p.add_argument("--llama-server", help="llama.cpp: the llama-server binary "
+                   "(default: $LLAMA_SERVER, then PATH)")
+    p.add_argument("--llama-parallel", type=int, default=8, help="llama.cpp: slots (-np)")
     return p.parse_args(argv)
 
 
@@ -139,8 +152,8 @@ class InProcessBaselines:
 
 
 async def drive(server, args, levels: list[int], fixed_length: bool,
-                baselines: InProcessBaselines | None = None) -> list[dict]:
-    body_for = chat_body(server.model, args.tokens, fixed_length=fixed_length)
+                baselines: InProcessBaselines | None = None, body_for=None) -> list[dict]:
+    body_for = body_for or chat_body(server.model, args.tokens, fixed_length=fixed_length)
     await run_level(server.name, server.url, concurrency=1, num_requests=2, body_for=body_for,
                     timeout_s=args.request_timeout)  # warm-up, not recorded
     rows = []
@@ -156,6 +169,26 @@ async def drive(server, args, levels: list[int], fixed_length: bool,
         print(f"  {server.name} c={concurrency}: {row['output_tokens_per_s']} tok/s, "
               f"TTFT p50 {row['ttft_p50_ms']} ms, errors {row['errors']}/{row['requests']}",
               flush=True)
+    if fixed_length and args.structured_concurrency:
+        rows.extend(await structured_pair(server, args))
+    return rows
+
+
+async def structured_pair(server, args) -> list[dict]:
+    """The cost of grammar-constrained decoding: one level plain, then the same level with
+    every request under a JSON schema, back to back on the same server (output tokens/s
+    compare; the constrained replies end when their JSON does)."""
+    concurrency = args.structured_concurrency
+    count = requests_for(concurrency, args.rounds, args.min_requests)
+    rows = []
+    for name, body_for in (("ours, plain (same run)", chat_body(server.model, args.tokens, fixed_length=True)),
+                           ("ours, json_schema", structured_body(server.model, args.tokens))):
+        level = await run_level(name, server.url, concurrency=concurrency, num_requests=count,
+                                body_for=body_for, timeout_s=args.request_timeout,
+                                budget_s=args.level_budget)
+        rows.append(level.as_dict())
+        print(f"  {name} c={concurrency}: {rows[-1]['output_tokens_per_s']} tok/s, "
+              f"errors {rows[-1]['errors']}/{rows[-1]['requests']}", flush=True)
     return rows
 
 
@@ -169,6 +202,12 @@ def run_http(args: argparse.Namespace, model_dir: Path, levels: list[int], syste
                     server = pool.start_ours(str(model_dir), max_batch_size=args.max_batch_size,
                                              max_waiting=4096, device=args.device, dtype=args.dtype)
                     results["cold_start_s"] = round(server.ready_s, 2)
+                elif system == llamacpp.NAME:
+                    server = pool.start_llama_server(
+                        llamacpp.find_llama_server(args.llama_server)[0], args.gguf,
+                        parallel=args.llama_parallel, ctx_per_slot=max(1024, args.tokens + 512),
+                        threads=args.threads or os.cpu_count() or 1)
+                    results.setdefault("commands", {})[system] = " ".join(server.argv)
                 else:
                     server = pool.start_transformers_serve(
                         str(model_dir), continuous_batching=system.endswith("-cb"),
@@ -180,7 +219,8 @@ def run_http(args: argparse.Namespace, model_dir: Path, levels: list[int], syste
             try:
                 results["http"].extend(asyncio.run(drive(
                     server, args, levels, system == "ours",
-                    baselines if system == "ours" else None)))
+                    baselines if system == "ours" else None,
+                    llamacpp.chat_body(server.model, args.tokens) if system == llamacpp.NAME else None)))
             except Exception as exc:  # one broken system must not lose the others' numbers
                 results.setdefault("failures", {})[system] = f"{type(exc).__name__}: {exc}"
             finally:
@@ -220,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown system(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    skipped = {}
+    if llamacpp.NAME in systems:
+        reason = llamacpp.unavailable(args.llama_server, args.gguf)
+        if reason:
+            print(f"{llamacpp.NAME} skipped: {reason}", flush=True)
+            skipped[llamacpp.NAME] = reason
+            systems.remove(llamacpp.NAME)
     # SIGTERM (e.g. from `timeout`) unwinds through the ServerPool, which stops every server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -227,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = prepare_checkpoint(args, out)
     results: dict = {"meta": machine_info(args), "model_dir": str(model_dir),
                      "output_tokens": args.tokens, "http": []}
+    if skipped:
+        results["skipped"] = skipped
     print(f"checkpoint: {model_dir}", flush=True)
     baselines = InProcessBaselines(args, model_dir) if "inprocess" in systems else None
     try:

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,8 @@ class Server:
     log_path: Path
     model: str               # the model name requests must carry
     ready_s: float = 0.0     # process start to /health ready
+    argv: list[str] = field(default_factory=list)  # the command that started it
+    env: dict[str, str] = field(default_factory=dict)  # and the variables set for it
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -89,7 +91,8 @@ class ServerPool:
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=log_file,
                                     stderr=subprocess.STDOUT, start_new_session=True)
-        server = Server(name, proc, f"http://127.0.0.1:{port}", log_path, model)
+        server = Server(name, proc, f"http://127.0.0.1:{port}", log_path, model, argv=list(argv),
+                        env={**self.env, **env})
         self.servers.append(server)
         deadline = started + ready_timeout_s
         while time.perf_counter() < deadline:
@@ -131,3 +134,14 @@ class ServerPool:
                 "--continuous-batching" if continuous_batching else "--no-continuous-batching"]
         name = "transformers-serve" + ("-cb" if continuous_batching else "")
         return self._spawn(name, argv, {}, port, model_dir, ready_timeout_s)
+
+    def start_llama_server(self, exe: str, gguf: str, *, name: str = "llama.cpp", parallel: int = 8,
+                           ctx_per_slot: int = 1024, threads: int = 2,
+                           ready_timeout_s: float = 300) -> Server:
+        """llama.cpp's llama-server (``bench/llamacpp.py``); /health answers 200 once loaded."""
+        from bench.llamacpp import SERVED_MODEL, server_argv
+
+        port = free_port()
+        argv = server_argv(exe, gguf, port, parallel=parallel, ctx_per_slot=ctx_per_slot,
+                           threads=threads)
+        return self._spawn(name, argv, {}, port, SERVED_MODEL, ready_timeout_s)
