@@ -51,7 +51,7 @@ import httpx
 
 from bench import llamacpp
 from bench.cpu_settings import long_prompt
-from bench.loadgen import RequestRecord, chat_body, run_level
+from bench.loadgen import RequestRecord, chat_body, run_level, sse_events
 from bench.servers import REPO, ServerPool
 
 SYSTEMS = ("ours-int8", "llama.cpp-Q8_0", "ours-auto", "ours-float32", "llama.cpp-Q4_K_M",
@@ -102,13 +102,7 @@ async def stream_with_usage(client: httpx.AsyncClient, url: str, body: dict,
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:300]
                 return RequestRecord(False, error=f"HTTP {response.status_code}: {text}"), {}, {}
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
+            async for event in sse_events(response):
                 if "error" in event:
                     return RequestRecord(False, error=str(event["error"])[:300]), {}, {}
                 usage = event.get("usage") or usage

@@ -67,6 +67,17 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
+async def sse_events(response: httpx.Response):
+    """The JSON events of an OpenAI-style SSE stream, until ``data: [DONE]``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict, timeout_s: float) -> RequestRecord:
     start = time.perf_counter()
     first = last = None
@@ -79,13 +90,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, timeout_s:
                     text = (await response.aread()).decode(errors="replace")[:200]
                     return RequestRecord(False, latency=time.perf_counter() - start,
                                          error=f"HTTP {response.status_code}: {text}")
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
+                async for event in sse_events(response):
                     if "error" in event:
                         return RequestRecord(False, latency=time.perf_counter() - start,
                                              error=f"stream error: {event['error'].get('message')}")

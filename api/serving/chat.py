@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from api.engine import GenerationChunk, GenerationRequest, GrammarSpec
 from api.engine.base import GenerationStream
-from api.errors import InvalidRequestError, clip
+from api.errors import InvalidRequestError
 from api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -34,7 +34,7 @@ from api.protocol import (
     ToolCall,
     Usage,
 )
-from api.serving.common import ServingBase, request_id, sse_relay, usage
+from api.serving.common import ServingBase, sse_relay, usage
 from api.serving.logprobs import TokenNames, chat_logprobs
 from api.serving.structured import grammar_for
 from api.serving.tool_parser import (
@@ -97,26 +97,6 @@ class ChatServing(ServingBase):
             raise InvalidRequestError(str(exc), param="messages") from None
         return messages, templated, tools
 
-    def check_chat_fields(self, request: ChatCompletionRequest) -> None:
-        """A field this server would not act on is a 400 naming it (an upstream engine
-        passes unknown fields on; what its relay cannot carry back is refused)."""
-        upstream = self.engine.info.engine == "openai"
-        unknown = sorted(clip(name, 64) for name in request.unknown_fields())
-        if unknown and not upstream:
-            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
-            # names chosen by the client: a few, each clipped (the log filter escapes them)
-            log.info("refused unsupported field(s): %s%s", ", ".join(unknown[:8]), more)
-            raise InvalidRequestError(
-                f"unsupported field(s): {', '.join(unknown[:8])}{more}; see the README's list "
-                "of supported fields", param=unknown[0], code="unsupported_field")
-        if upstream:
-            for name, used in (("n", request.n > 1), ("logprobs", request.logprobs),
-                               ("tools", bool(request.tools))):
-                if used:
-                    raise InvalidRequestError(
-                        f"{name} is not available with THAI_ENGINE=openai: only text is "
-                        "relayed from the upstream servers", param=name, code="unsupported_field")
-
     def tool_grammar(self, request: ChatCompletionRequest) -> GrammarSpec | None:
         """The grammar that forces a tool call (tool_choice required or named), else None."""
         choice = request.tool_choice
@@ -133,7 +113,8 @@ class ChatServing(ServingBase):
 
     async def chat_plan(self, request: ChatCompletionRequest) -> ChatPlan:
         self.check_model(request.model)
-        self.check_chat_fields(request)
+        self.check_openai_fields(request, "/v1/chat/completions", {
+            "n": request.n > 1, "logprobs": request.logprobs, "tools": bool(request.tools)})
         messages, templated, tools = self.template_input(request)
         prompt_ids = await self.encode(templated, tools or None)
         forced = self.tool_grammar(request)
@@ -149,14 +130,8 @@ class ChatServing(ServingBase):
             request, prompt_tokens=len(prompt_ids), max_tokens=request.requested_max_tokens(),
             no_repeat_ngram_size=no_repeat, logprobs=logprobs, grammar=forced,
             grammar_param="tool_choice" if forced is not None else None)
-        rid = request_id()
-        gens = []
-        for i in range(request.n):
-            seed = None if params.seed is None else (params.seed + i) % 2**63
-            gens.append(GenerationRequest(
-                prompt_ids=prompt_ids, params=dataclasses.replace(params, seed=seed),
-                request_id=rid if request.n == 1 else f"{rid}-{i}", messages=messages,
-                passthrough=request.passthrough_fields()))
+        gens = self.choice_requests(request.n, prompt_ids, params, messages=messages,
+                                    passthrough=request.passthrough_fields())
         parse = request.tools and request.tool_choice != "none"
         names = {t.function.name for t in request.tools or ()} if parse else set()
         return ChatPlan(gens, names, request.logprobs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,6 +23,8 @@ from api.middleware import current_request_id
 from api.protocol import SamplingFields, Usage
 from api.serving.structured import grammar_for
 from api.settings import ModelSettings
+
+log = logging.getLogger("thai.serving")
 
 INLINE_ENCODE_CHARS = 4000  # shorter texts tokenize in well under a millisecond
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -148,24 +151,55 @@ class ServingBase:
             frequency_penalty=request.frequency_penalty or 0.0,
             presence_penalty=request.presence_penalty or 0.0,
             repetition_penalty=request.repetition_penalty or 1.0,
-            logit_bias=self._token_values(request.logit_bias, "logit_bias"),
-            stop_token_ids=tuple(token for token, _ in self._token_values(
-                {str(t): 0.0 for t in request.stop_token_ids or ()}, "stop_token_ids")),
+            logit_bias=tuple((int(key), bias) for key, bias in (request.logit_bias or {}).items()
+                             if self._check_token_id(int(key), "logit_bias")),
+            stop_token_ids=tuple(token for token in request.stop_token_ids or ()
+                                 if self._check_token_id(token, "stop_token_ids")),
             include_stop_str_in_output=request.include_stop_str_in_output,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar)
 
-    def _token_values(self, values: dict[str, float] | None, param: str) -> tuple[tuple[int, float], ...]:
-        """``{"token id": value}`` as pairs, every id checked against the vocabulary."""
-        if not values:
-            return ()
+    def _check_token_id(self, token: int, param: str) -> bool:
+        """True for an id of this model's vocabulary; a 400 naming ``param`` otherwise."""
         vocab = self.engine.vocab_size
-        pairs = tuple((int(key), value) for key, value in values.items())
-        bad = next((token for token, _ in pairs if token >= vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"{param} names token {clip(str(bad), 32)}, not a token id "
+        if not 0 <= token < vocab:
+            raise InvalidRequestError(f"{param} names token {clip(str(token), 32)}, not a token id "
                                       f"of this model (ids are 0 to {vocab - 1})", param=param,
                                       code="invalid_token_id")
-        return pairs
+        return True
+
+    def check_openai_fields(self, request: SamplingFields, route: str,
+                            relayed_only: dict[str, bool]) -> None:
+        """A field this server would not act on is a 400 naming it. An upstream engine passes
+        unknown fields on, but its relay carries only text back: what needs more
+        (``relayed_only``: name -> whether the request uses it) is refused there."""
+        upstream = self.engine.info.engine == "openai"
+        unknown = sorted(clip(name, 64) for name in request.unknown_fields())
+        if unknown and not upstream:
+            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+            # names chosen by the client: a few, each clipped (the log filter escapes them)
+            log.info("refused unsupported field(s) for %s: %s%s", route, ", ".join(unknown[:8]), more)
+            raise InvalidRequestError(
+                f"unsupported field(s) for {route}: {', '.join(unknown[:8])}{more}; see the "
+                "README's list of supported fields", param=unknown[0], code="unsupported_field")
+        used = [name for name, is_used in relayed_only.items() if is_used]
+        if upstream and used:
+            raise InvalidRequestError(f"{used[0]} is not available with THAI_ENGINE=openai: only "
+                                      "text is relayed from the upstream servers", param=used[0],
+                                      code="unsupported_field")
+
+    @staticmethod
+    def choice_requests(n: int, prompt_ids: list[int], params: SamplingParams,
+                        **fields) -> list[GenerationRequest]:
+        """One engine request per choice (``n``), seeds ``seed``, ``seed + 1``, ... so seeded
+        choices differ from each other and repeat across calls."""
+        rid = request_id()
+        gens = []
+        for i in range(n):
+            seed = None if params.seed is None else (params.seed + i) % 2**63
+            gens.append(GenerationRequest(
+                prompt_ids=list(prompt_ids), params=dataclasses.replace(params, seed=seed),
+                request_id=rid if n == 1 else f"{rid}-{i}", **fields))
+        return gens
 
     # ------------------------------------------------------------ tokens
     async def encode(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:

@@ -4,15 +4,14 @@ prompt per request, a text or its token ids, continued as is (no chat template).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from api.engine import GenerationChunk, GenerationRequest
-from api.errors import InvalidRequestError, clip
+from api.errors import InvalidRequestError
 from api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamResponse, Usage
-from api.serving.common import INLINE_ENCODE_CHARS, ServingBase, request_id, sse_relay, usage
+from api.serving.common import INLINE_ENCODE_CHARS, ServingBase, sse_relay, usage
 from api.serving.logprobs import TokenNames, completion_logprobs
 
 # Prompt log probabilities (echo with logprobs) hold prompt x vocabulary floats while the
@@ -33,18 +32,8 @@ class CompletionServing(ServingBase):
             raise InvalidRequestError(f"best_of ({request.best_of}) other than n ({request.n}) is "
                                       "not supported (vLLM's V1 engine dropped it too)",
                                       param="best_of", code="unsupported_field")
-        upstream = self.engine.info.engine == "openai"
-        unknown = sorted(clip(name, 64) for name in request.unknown_fields())
-        if unknown and not upstream:
-            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
-            raise InvalidRequestError(
-                f"unsupported field(s) for /v1/completions: {', '.join(unknown[:8])}{more}",
-                param=unknown[0], code="unsupported_field")
-        if upstream and (request.n > 1 or request.logprobs is not None):
-            name = "n" if request.n > 1 else "logprobs"
-            raise InvalidRequestError(f"{name} is not available with THAI_ENGINE=openai: only "
-                                      "text is relayed from the upstream servers", param=name,
-                                      code="unsupported_field")
+        self.check_openai_fields(request, "/v1/completions", {
+            "n": request.n > 1, "logprobs": request.logprobs is not None})
 
     def check_prompt_ids(self, ids: Sequence[int]) -> None:
         vocab = self.engine.vocab_size
@@ -79,14 +68,8 @@ class CompletionServing(ServingBase):
             request, prompt_tokens=len(ids), max_tokens=request.max_tokens,
             no_repeat_ngram_size=request.no_repeat_ngram_size, logprobs=request.logprobs,
             prompt_logprobs=prompt_logprobs)
-        rid, passthrough = request_id(), request.passthrough_fields()
-        gens = []
-        for i in range(request.n):
-            seed = None if params.seed is None else (params.seed + i) % 2**63
-            gens.append(GenerationRequest(
-                prompt_ids=list(ids), params=dataclasses.replace(params, seed=seed),
-                request_id=rid if request.n == 1 else f"{rid}-{i}", passthrough=passthrough,
-                plain_prompt=True))
+        gens = self.choice_requests(request.n, ids, params, plain_prompt=True,
+                                    passthrough=request.passthrough_fields())
         return gens, echo if request.echo else ""
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse:
