@@ -102,7 +102,8 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # forbid: vLLM's continuous_usage_stats (or any other option) is not implemented here
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = Field(False, description="Send a last chunk with token usage.")
 
 
@@ -248,6 +249,12 @@ class SamplingFields(BaseModel):
                                                          "of the guided_* fields.")
 
     _stop = field_validator("stop")(_check_stop)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options applies only with stream: true (as in vLLM)")
+        return self
 
     @field_validator("logit_bias")
     @classmethod

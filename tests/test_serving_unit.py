@@ -228,3 +228,43 @@ def test_a_forced_tool_call_and_another_output_constraint_are_refused_together(c
     assert r.status_code == 400 and "not among the tools" in r.json()["error"]["message"]
     r = chat(client, guided_regex="a+", guided_choice=["x"])
     assert r.status_code == 400 and "only one output constraint" in r.json()["error"]["message"]
+
+
+class _TwoCallsEngine(FakeEngine):
+    """Answers every request with two tool calls, as a model using tool_choice auto may."""
+
+    REPLY = ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "f", "arguments": {"x": 2}}\n</tool_call>')
+
+    async def _run(self, request):
+        from api.engine import GenerationChunk
+
+        yield GenerationChunk(self.REPLY, len(request.prompt_ids), 30, finished=True,
+                              finish_reason="stop")
+
+
+def test_parallel_tool_calls_false_keeps_one_call_under_auto():
+    engine = _TwoCallsEngine()
+    app = create_app(Settings.from_overrides({"enable_ui": False}), engine)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with TestClient(app, raise_server_exceptions=False) as client:
+        both = chat(client, tools=tools).json()["choices"][0]["message"]["tool_calls"]
+        one = chat(client, tools=tools, parallel_tool_calls=False).json()["choices"][0]
+        streamed = client.post("/v1/chat/completions", json={
+            "model": "thai-qwen-lora", "messages": [{"role": "user", "content": "x"}],
+            "tools": tools, "parallel_tool_calls": False, "stream": True})
+    assert [json.loads(c["function"]["arguments"]) for c in both] == [{"x": 1}, {"x": 2}]
+    assert len(one["message"]["tool_calls"]) == 1 and one["finish_reason"] == "tool_calls"
+    assert json.loads(one["message"]["tool_calls"][0]["function"]["arguments"]) == {"x": 1}
+    events = [json.loads(line[5:]) for line in streamed.text.splitlines()
+              if line.startswith("data:") and line != "data: [DONE]"]
+    indexes = {call["index"] for e in events for ch in e["choices"]
+               for call in ch["delta"].get("tool_calls") or ()}
+    assert indexes == {0}
+
+
+def test_stream_options_without_stream_and_unknown_stream_options_are_refused(client):
+    r = chat(client, stream_options={"include_usage": True})
+    assert r.status_code == 400 and "stream: true" in r.json()["error"]["message"]
+    r = chat(client, stream=True, stream_options={"continuous_usage_stats": True})
+    assert r.status_code == 400 and "continuous_usage_stats" in r.json()["error"]["param"]

@@ -57,6 +57,7 @@ class ChatPlan:
     gens: list[GenerationRequest]
     tool_names: set[str]          # parse tool calls out of the text (empty: plain text)
     logprobs: bool
+    parallel_tool_calls: bool     # false: a reply keeps only its first call
 
 
 class ChatServing(ServingBase):
@@ -134,7 +135,7 @@ class ChatServing(ServingBase):
                                     passthrough=request.passthrough_fields())
         parse = request.tools and request.tool_choice != "none"
         names = {t.function.name for t in request.tools or ()} if parse else set()
-        return ChatPlan(gens, names, request.logprobs)
+        return ChatPlan(gens, names, request.logprobs, request.parallel_tool_calls is not False)
 
     async def chat_request(self, request: ChatCompletionRequest) -> GenerationRequest:
         """The first choice's engine request (the UI's chat: one choice, plain text)."""
@@ -149,6 +150,8 @@ class ChatServing(ServingBase):
             content, calls = result.text, []
             if plan.tool_names:
                 parsed_content, parsed = parse_tool_calls(result.text, plan.tool_names)
+                if not plan.parallel_tool_calls:  # forced calls are one by grammar; auto: cut
+                    parsed = parsed[:1]
                 if parsed:
                     content, calls = parsed_content, [
                         ToolCall(id=_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
@@ -191,7 +194,8 @@ class ChatServing(ServingBase):
             for piece in pieces:
                 if isinstance(piece, ContentDelta):
                     out.append(DeltaMessage(content=piece.text))
-                elif isinstance(piece, ToolCallDelta):
+                elif isinstance(piece, ToolCallDelta) and (plan.parallel_tool_calls
+                                                           or piece.index == 0):
                     # As OpenAI streams a call: its id and name with empty arguments, then
                     # the arguments (the accumulation loop in OpenAI's guide appends every
                     # delta's arguments, the first one's included).
