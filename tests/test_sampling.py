@@ -230,3 +230,23 @@ def test_a_grammar_the_library_refuses_is_a_grammar_error(demo_checkpoint):
     assert "look-around" in errors[0]
     assert all("<grammar>" not in e and "\n" not in e for e in errors), "one line, no grammar dump"
     assert (hits, misses) == (1, 1), "the second check of a spec is a cache hit"
+
+
+def test_a_grammar_past_the_parsers_limits_fails_as_a_grammar_error_not_an_empty_answer(demo_checkpoint):
+    """1024 choices of 200 Thai characters pass validation, then llguidance's lexer gives up
+    mid-generation and allows only EOS: that must end as a GrammarError (a 400), on one line."""
+    from api.engine.errors import GrammarError
+
+    spec = GrammarSpec("choice", json.dumps(["ก" * 200 + str(i) for i in range(1024)]))
+
+    async def main():
+        engine = await started(demo_checkpoint)
+        try:
+            with pytest.raises(GrammarError) as info:
+                await _generate(engine, PROMPTS[0], grammar=spec, max_tokens=8)
+            return str(info.value)
+        finally:
+            await engine.stop()
+
+    message = asyncio.run(main())
+    assert message.startswith("structured output failed:") and "\n" not in message

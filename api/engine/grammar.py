@@ -100,10 +100,10 @@ class GrammarCompiler:
         text = grammar_text(spec)
         error = self._llg.LLMatcher.validate_grammar(text, self.tokenizer_info)
         if error:
-            raise GrammarError(_first_line(error))
+            raise GrammarError(error_line(error))
         proto = self._llg.LLMatcher(self.tokenizer_info, text, log_level=0)
         if proto.is_error():
-            raise GrammarError(_first_line(proto.get_error()))
+            raise GrammarError(error_line(proto.get_error()))
         with self._lock:
             self.misses += 1
             self._cache[spec] = proto
@@ -162,7 +162,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
         logits[:, width:] = float("-inf")
 
 
-def _first_line(error: str) -> str:
+def error_line(error: str) -> str:
     """llguidance's message without its parser-state dump (``<state>``, ``<grammar>``:
     it quotes the whole grammar), on one line."""
     lines = []

@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from api.engine.detokenizer import IncrementalDetokenizer
-from api.engine.grammar import CLOSE_WITHIN
+from api.engine.grammar import CLOSE_WITHIN, error_line
 from api.engine.kv_batch import KVBatch, PrefixCache
 from api.engine.errors import (
     EngineDeadError,
@@ -39,6 +39,7 @@ from api.engine.errors import (
     EngineOutOfMemoryError,
     EngineOverloadedError,
     GenerationTimeoutError,
+    GrammarError,
 )
 from api.engine.loader import ModelBundle
 from api.engine.metrics import EngineMetrics
@@ -376,9 +377,13 @@ class BatchScheduler:
         seq.rule.observe(token)
         reason, cut = None, -1
         matcher = seq.rule.matcher
-        if matcher is not None and not matcher.consume_token(token):
-            # The mask allowed only valid tokens, so this is llguidance's own failure.
-            self._finish(seq, error=EngineError(f"structured output failed: {matcher.get_error()}"))
+        if matcher is not None and (matcher.is_error() or not matcher.consume_token(token)):
+            # The mask allowed only valid tokens, so the parser itself gave up (its resource
+            # limits: a grammar too large to follow), maybe while computing this step's mask,
+            # after which it allows only EOS: never an empty "valid" answer. Said on one line,
+            # without the parser's state dump.
+            self._finish(seq, error=GrammarError(
+                f"structured output failed: {error_line(matcher.get_error())}"))
             return
         if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
