@@ -30,3 +30,12 @@ def live_server(model_env, tmp_path_factory):
     server: ServerProcess = start_server(model_env, tmp_path_factory.mktemp("logs"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for one browser-test module (closed after it)."""
+    from tests.support import chromium_browser
+
+    with chromium_browser() as launched:
+        yield launched

@@ -17,15 +17,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support import ARTIFACTS, REPO, WATCH_JS, chromium_browser, free_port, start_server
+from tests.support import ARTIFACTS, REPO, WATCH_JS, free_port, start_server
 from thai_ui.text_stats import count_graphemes, count_words
 
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium_browser() as launched:
-        yield launched
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import io
 import pytest
 
 from tests.documents_support import docx_bytes
-from tests.support import ARTIFACTS, REPO, WATCH_JS, chromium_browser, start_server
+from tests.support import ARTIFACTS, REPO, WATCH_JS, start_server
 from thai_ui.text_stats import count_graphemes
 
 SHOTS = ARTIFACTS / "screenshots"
@@ -34,12 +34,6 @@ def chunking_server(model_env, tmp_path_factory):
                           tmp_path_factory.mktemp("browser-documents"))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium_browser() as launched:
-        yield launched
 
 
 @pytest.fixture

@@ -152,8 +152,7 @@ class TransformersEngine(Engine):
             return self.scheduler.grammar
 
     async def check_grammar(self, spec: GrammarSpec) -> None:
-        compiler = await asyncio.to_thread(self._grammar_compiler)
-        await asyncio.to_thread(compiler.check, spec)
+        await asyncio.to_thread(lambda: self._grammar_compiler().check(spec))
 
     def decode(self, ids: Seq[int]) -> str:
         return self._require_bundle().tokenizer.decode(list(ids))
