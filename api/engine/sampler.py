@@ -155,7 +155,10 @@ def sample_batch(logits: torch.Tensor, rows: list[RowRule], grammar: Any = None)
     lp_rows = [i for i, row in enumerate(rows) if row.logprobs is not None]
     raw = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
     constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
-    pristine = logits[constrained].clone() if constrained else None
+    # Only n-gram bans and EOS suppression can leave a constrained row without any token
+    # the grammar allows; only those rows keep a copy of their logits to fall back on.
+    pristine = {i: logits[i].clone() for i in constrained
+                if rows[i].blocker.n > 0 or rows[i].suppress}
 
     if any(row.penalized for row in rows):
         apply_penalties(logits, rows)
@@ -186,7 +189,7 @@ def sample_batch(logits: torch.Tensor, rows: list[RowRule], grammar: Any = None)
     return SampleResult(out, logprobs)
 
 
-def _apply_grammar(logits: torch.Tensor, constrained: list[int], pristine: torch.Tensor,
+def _apply_grammar(logits: torch.Tensor, constrained: list[int], pristine: dict[int, torch.Tensor],
                    rows: list[RowRule], grammar: Any) -> None:
     from api.engine.grammar import apply_bitmask
 
@@ -198,11 +201,14 @@ def _apply_grammar(logits: torch.Tensor, constrained: list[int], pristine: torch
     apply_bitmask(sub, bitmask)
     # Bans and suppression never outvote the grammar: a row they left without any
     # allowed token gets the grammar's mask alone (the output must stay valid).
-    dead = torch.isneginf(sub).all(dim=-1)
-    if bool(dead.any()):
-        fallback = pristine[dead]
-        apply_bitmask(fallback, bitmask[dead])
-        sub[dead] = fallback
+    # (A matcher that gave up masks every token: its request fails when the token is taken.)
+    if pristine:
+        dead = torch.isneginf(sub).all(dim=-1).tolist()
+        for j, i in enumerate(constrained):
+            if dead[j] and i in pristine:
+                fallback = pristine[i][None]
+                apply_bitmask(fallback, bitmask[j:j + 1])
+                sub[j] = fallback[0]
     logits[constrained] = sub
 
 
