@@ -736,6 +736,10 @@ class HealthResponse(BaseModel):
     dtype: str | None = None
     dtype_reason: str | None = Field(None, description="Why this dtype: set by THAI_DTYPE, or "
                                      "what auto found (e.g. native bf16 on this CPU).")
+    quantization: str | None = Field(None, description="What runs: none, int8, w8a8 (CPU), 8bit or "
+                                     "4bit (bitsandbytes); THAI_QUANTIZATION=auto resolved.")
+    quantization_reason: str | None = Field(None, description="Why: set by THAI_QUANTIZATION, or "
+                                            "what auto measured (w8a8's KL on a Thai text).")
     memory_mb: float | None = Field(None, description="Model memory (GPU when on GPU, else process RSS).")
     uptime_s: float
     error: str | None = Field(None, description="Why the model cannot serve (server paths removed).")

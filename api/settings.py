@@ -54,11 +54,20 @@ class ModelSettings(BaseSettings):
         "auto", description="Where to run the model: auto picks cuda when available."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weights dtype: auto is bf16/fp16 on GPU, fp32 on CPU."
+        "auto", description="Weights dtype: auto is bf16 (fp16 without bf16) on a GPU; on a CPU bf16 "
+        "where it has native bf16 (AVX512-BF16 or AMX), float32 elsewhere."
     )
-    quantization: Literal["none", "int8", "8bit", "4bit"] = Field(
-        "none", description="int8: weight-only int8 on the CPU (torch's packed kernel, applied to "
-        "the merged model; about 2x bf16's decode speed); 8bit/4bit: bitsandbytes (CUDA only)."
+    quantization: Literal["auto", "none", "int8", "w8a8", "8bit", "4bit"] = Field(
+        "auto", description="auto: on a CPU, w8a8 if its measured quality cost on the loaded "
+        "weights is within THAI_QUANTIZATION_MAX_KL, else none; on a GPU none. CPU settings, "
+        "applied to the merged model: int8 = weight-only int8 (torch's packed kernel: faster "
+        "decode, bf16's prefill), w8a8 = int8 weights and per-token int8 activations (fbgemm: "
+        "fastest prefill and decode, larger quality cost). 8bit/4bit: bitsandbytes (CUDA only)."
+    )
+    quantization_max_kl: float = Field(
+        0.01, ge=0, le=10, description="THAI_QUANTIZATION=auto keeps w8a8 only if it moves the "
+        "next-token distribution of a bundled Thai text by at most this many nats per token "
+        "(mean KL against the unquantized weights, measured at start-up; 0 never quantizes)."
     )
     require_model: bool = Field(
         False,

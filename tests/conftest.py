@@ -18,10 +18,11 @@ def demo_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def model_env(demo_checkpoint) -> dict[str, str]:
     base, lora = demo_checkpoint
-    # float32 whatever the CPU: the suite compares outputs token for token and times streams
-    # on the tiny model; dtype auto (bf16 on CPUs with native bf16) has tests of its own.
+    # float32 and no quantization whatever the CPU: the suite compares outputs token for token
+    # and times streams on the tiny model; dtype auto (bf16 on CPUs with native bf16) and
+    # quantization auto (w8a8 when its measured KL is small) have tests of their own.
     return {"THAI_BASE_MODEL": str(base), "THAI_LORA_PATH": str(lora), "THAI_REQUIRE_MODEL": "true",
-            "THAI_DTYPE": "float32"}
+            "THAI_DTYPE": "float32", "THAI_QUANTIZATION": "none"}
 
 
 @pytest.fixture(scope="session")

@@ -98,6 +98,8 @@ def test_health_docs_redoc_metrics(live_server, client):
     assert health["status"] == "ok" and health["model_loaded"] is True
     assert health["device"] == "cpu" and health["dtype"] == "float32"
     assert health["dtype_reason"] == "float32: set by THAI_DTYPE"  # model_env pins it
+    assert health["quantization"] == "none"
+    assert health["quantization_reason"] == "none: set by THAI_QUANTIZATION"
     assert health["memory_mb"] > 0 and health["uptime_s"] > 0 and health["demo"] is False
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(live_server.url + path).status_code == 200

@@ -21,7 +21,8 @@ def test_defaults_are_the_seeds(monkeypatch):
     assert (settings.server.host, settings.server.port) == ("0.0.0.0", 8001)
     m = settings.model
     assert (m.max_new_tokens, m.temperature, m.top_p, m.no_repeat_ngram_size) == (150, 0.7, 0.9, 3)
-    assert m.device == "auto" and m.dtype == "auto" and m.quantization == "none"
+    assert m.device == "auto" and m.dtype == "auto" and m.quantization == "auto"
+    assert m.quantization_max_kl == 0.01
 
 
 def test_env_prefix_and_cli_override(monkeypatch):

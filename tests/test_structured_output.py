@@ -121,7 +121,8 @@ def test_greedy_with_the_openai_defaults_equals_transformers_generate(live_serve
 
     served = asyncio.run(serve())
     settings = ModelSettings(base_model=model_env["THAI_BASE_MODEL"], lora_path=model_env["THAI_LORA_PATH"],
-                             require_model=True, dtype="float32")
+                             require_model=True, dtype="float32",
+                             quantization=model_env["THAI_QUANTIZATION"])
     bundle = load_model_bundle(settings)
     tokenizer = bundle.tokenizer
     mismatches = []

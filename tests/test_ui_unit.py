@@ -108,6 +108,11 @@ def test_status_banner_for_each_state():
     assert 'data-state="demo"' in demo and "not meaningful" in demo and "โมเดลสาธิต" in demo
     engine.info.demo = False
     assert "fake/base + LoRA adapter" in status_html(engine)  # a hub id is shown ...
+    engine.info.quantization, engine.info.quantization_reason = "none", "none: set by THAI_QUANTIZATION"
+    assert "THAI_QUANTIZATION" not in status_html(engine)  # nothing to say when none runs
+    engine.info.quantization = "w8a8"
+    engine.info.quantization_reason = "w8a8 chosen by THAI_QUANTIZATION=auto: KL 0.0050 <limit>"
+    assert "w8a8 chosen by THAI_QUANTIZATION=auto: KL 0.0050 &lt;limit&gt;" in status_html(engine)
     engine.info.base_model, engine.info.adapter = "/srv/alice/models/base", "/srv/alice/lora"
     assert "/srv/alice" not in status_html(engine) and "LoRA adapter" in status_html(engine)  # ... a folder never
     engine.state, engine.error = EngineState.ERROR, "no <weights>"

@@ -25,8 +25,11 @@ def status_html(engine: Engine) -> str:
     if state is EngineState.LOADING:
         return _banner("loading", f"กำลังโหลดโมเดล <b>{name}</b>… / Loading the model…")
     if state is EngineState.READY:
-        # Which dtype and why ("bfloat16: this CPU has native bf16 (avx512_bf16)").
-        where = html.escape(" · ".join(x for x in (info.device, info.dtype_reason or info.dtype) if x))
+        # Which dtype and quantization, and why ("bfloat16: this CPU has native bf16
+        # (avx512_bf16)", "w8a8 chosen by THAI_QUANTIZATION=auto: KL ...").
+        quantized = info.quantization_reason if info.quantization not in (None, "none") else None
+        where = html.escape(" · ".join(
+            x for x in (info.device, info.dtype_reason or info.dtype, quantized) if x))
         if info.demo:
             return _banner(
                 "demo",

@@ -36,6 +36,8 @@ class EngineInfo:
     device: str | None = None
     dtype: str | None = None
     dtype_reason: str | None = None  # why this dtype (auto picks by hardware)
+    quantization: str | None = None  # what runs: none, int8, w8a8, 8bit, 4bit
+    quantization_reason: str | None = None  # why (auto measures w8a8's quality cost)
     engine: str = "local"  # THAI_ENGINE: local (this process) or openai (upstream servers)
     max_context: int = 4096
     max_batch_size: int = 1

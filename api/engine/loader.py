@@ -43,6 +43,8 @@ class ModelBundle:
     source: ModelSource
     eos_token_ids: tuple[int, ...]
     max_context: int
+    quantization: str = "none"       # what runs (auto resolved)
+    quantization_reason: str = "none: set by THAI_QUANTIZATION"
 
 
 def missing_adapter_message(lora_path: str) -> str | None:
@@ -130,18 +132,22 @@ def resolve_device(requested: str) -> str:
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
-    """The native bfloat16 instruction sets this CPU reports (Linux /proc/cpuinfo)."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The instruction-set flags this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
-            return []
-    flags = set()
+            return set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The native bfloat16 instruction sets this CPU reports."""
+    flags = cpu_flags(cpuinfo)
     return [f for f in CPU_BF16_FLAGS if f in flags]
 
 
@@ -169,22 +175,55 @@ def resolve_dtype(requested: str, device: str, cpuinfo: str | None = None):
     return torch.float32, "float32: this CPU has no native bf16 (AVX512-BF16 or AMX)"
 
 
+def apply_quantization(model, settings: ModelSettings, device: str, dtype, tokenizer,
+                       source: ModelSource) -> tuple[str, str]:
+    """Quantize the loaded (merged) model in place as THAI_QUANTIZATION says; returns
+    (what runs, why). bitsandbytes (8bit/4bit) was applied while loading."""
+    requested = settings.quantization
+    if requested in ("8bit", "4bit"):
+        return requested, f"{requested}: bitsandbytes, set by THAI_QUANTIZATION"
+    if requested == "none":
+        return "none", "none: set by THAI_QUANTIZATION"
+    from api.engine import quantize
+
+    if requested == "int8":
+        layers = quantize.quantize_int8(model, dtype)
+        return "int8", f"int8: {layers} linear layers with int8 weights, set by THAI_QUANTIZATION"
+    if requested == "w8a8":
+        layers = len(quantize.quantize_w8a8(model, sorted(cpu_flags())))
+        return "w8a8", (f"w8a8: {layers} linear layers with int8 weights and per-token int8 "
+                        "activations, set by THAI_QUANTIZATION")
+    # auto
+    if device != "cpu":
+        return "none", "none: THAI_QUANTIZATION=auto quantizes on the CPU only"
+    if source.adapter and not settings.merge_lora:
+        return "none", "none: THAI_QUANTIZATION=auto needs the adapter merged (THAI_MERGE_LORA=true)"
+    choice = quantize.choose_cpu_quantization(model, quantize.probe_ids(tokenizer),
+                                              settings.quantization_max_kl, sorted(cpu_flags()))
+    return choice.setting, choice.reason
+
+
 def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     """Load tokenizer, base model and adapter. Blocking: call it off the event loop."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(settings.device)
     bitsandbytes = settings.quantization in ("8bit", "4bit")
-    int8 = settings.quantization == "int8"
+    cpu_int8 = settings.quantization in ("int8", "w8a8")
     if bitsandbytes and device != "cuda":
         raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} needs a CUDA GPU "
-                             "(bitsandbytes); on a CPU use THAI_QUANTIZATION=int8 or none")
-    if int8 and device != "cpu":
-        raise ModelLoadError("THAI_QUANTIZATION=int8 is the CPU's weight-only int8; on a GPU use "
-                             "8bit or 4bit (bitsandbytes) or none")
-    if int8 and settings.lora_path and not settings.merge_lora:
-        raise ModelLoadError("THAI_QUANTIZATION=int8 quantizes the merged model: it needs "
-                             "THAI_MERGE_LORA=true")
+                             "(bitsandbytes); on a CPU use THAI_QUANTIZATION=int8, w8a8 or none")
+    if cpu_int8 and device != "cpu":
+        raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} is for the CPU; on a GPU "
+                             "use 8bit or 4bit (bitsandbytes) or none")
+    if cpu_int8 and settings.lora_path and not settings.merge_lora:
+        raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} quantizes the merged "
+                             "model: it needs THAI_MERGE_LORA=true")
+    if settings.quantization == "w8a8":
+        from api.engine.quantize import w8a8_supported
+
+        if (problem := w8a8_supported()) is not None:
+            raise ModelLoadError(problem)
     dtype, dtype_reason = resolve_dtype(settings.dtype, device)
     log.info("weights dtype %s", dtype_reason)
     source = locate_model(settings)
@@ -210,6 +249,10 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         raise ModelLoadError(f"cannot load base model {source.base_model!r}: {exc}") from exc
     if not bitsandbytes:
         model = model.to(device)
+    if device == "cpu":
+        from api.engine.attention import use_cpu_decode_attention
+
+        use_cpu_decode_attention(model)
     if source.adapter:
         from peft import PeftModel
 
@@ -217,12 +260,9 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         if settings.merge_lora and not bitsandbytes:
             model = model.merge_and_unload()
     model.eval()
-    if int8:
-        from api.engine.quantize import quantize_int8
-
-        layers = quantize_int8(model, dtype)
-        dtype_reason += f"; {layers} linear layers with int8 weights (THAI_QUANTIZATION=int8)"
-        log.info("quantized %d linear layers to int8 weights", layers)
+    quantization, quantization_reason = apply_quantization(model, settings, device, dtype,
+                                                           tokenizer, source)
+    log.info("quantization %s", quantization_reason)
 
     eos: set[int] = set()
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -240,6 +280,8 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         device=device,
         dtype=str(dtype).replace("torch.", ""),
         dtype_reason=dtype_reason,
+        quantization=quantization,
+        quantization_reason=quantization_reason,
         source=source,
         eos_token_ids=tuple(sorted(eos)),
         max_context=max_context,

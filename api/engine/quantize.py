@@ -1,4 +1,4 @@
-"""Weight-only int8 for the CPU (``THAI_QUANTIZATION=int8``), with torch's own kernel.
+"""int8 linear layers for the CPU: ``THAI_QUANTIZATION=int8`` (weight-only) and ``w8a8``.
 
 On a CPU, decoding one token reads every weight once, so its speed is the
 memory bandwidth divided by the weights' bytes: int8 weights halve what bf16
@@ -14,9 +14,21 @@ That kernel is made for few rows; a long prompt's prefill (hundreds of rows)
 runs faster as an ordinary bf16 matrix product over weights dequantized on the
 fly, so rows above :data:`DEQUANTIZE_ROWS` take that path. The weights are
 still stored once, in int8.
+
+``w8a8`` (:class:`W8A8Linear`) also quantizes the activations, per token, at run
+time, and multiplies int8 by int8 with fbgemm's kernel (AVX512-VNNI / AVX-VNNI
+``vpdpbusd``: twice bf16's multiply rate, a quarter of float32's bytes). It is
+faster than both ``int8`` and bf16 for decode *and* prefill, at a larger
+quality cost (each token's activations rounded to 8 bits); ``bench.quant_quality``
+measures both.
 """
 
 from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,13 +69,173 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
+class W8A8Linear(nn.Module):
+    """int8 weights (per output channel) times int8 activations (per token, dynamic).
+
+    fbgemm's dynamic linear (``quantized::linear_dynamic``) picks one activation
+    scale and zero point for its whole input, from the input's min and max. Used
+    as is on a batch, one row with large values (another request's token, or a
+    prompt's first token) would coarsen every other row's rounding, and a
+    request's output would depend on what it was batched with. So each row is
+    divided by its own largest magnitude (its values then lie in [-1, 1]; a linear
+    map commutes with that, the output row is multiplied back and the bias added
+    after), and one constant row holding +1 and -1 is appended, which pins the
+    input's range to exactly [-1, 1]: every row is then rounded with the same
+    8-bit grid, alone or in any batch, and the integer products are exact, so a
+    row's output does not depend on its neighbours (``tests/test_cpu_fast_paths.py``).
+    The model as a whole is not bit-stable across batches even so: attention over
+    padded rows sums in another order, and rounding to 8 bits can turn such a last-bit
+    difference into a whole step.
+
+    ``reduce_range`` is fbgemm's 7-bit activation mode, needed only on CPUs
+    without VNNI, whose ``vpmaddubsw`` saturates 16-bit sums.
+    """
+
+    def __init__(self, packed, in_features: int, out_features: int,
+                 bias: torch.Tensor | None, reduce_range: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._packed = packed
+        self.register_buffer("bias", bias)
+        range_row = torch.zeros(in_features)
+        range_row[0], range_row[1] = 1.0, -1.0
+        self.register_buffer("range_row", range_row, persistent=False)
+        self.reduce_range = reduce_range
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, reduce_range: bool) -> "W8A8Linear":
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        with warnings.catch_warnings():  # torch flags quantized-tensor creation as deprecated
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(
+                weight, scales.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0,
+                torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(qweight, None)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        return cls(packed, weight.shape[1], weight.shape[0], bias, reduce_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features)
+        pinned = torch.empty(rows.shape[0] + 1, self.in_features)
+        peak = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True,
+                                        dtype=torch.float32).clamp_(min=1e-12)
+        torch.div(rows, peak, out=pinned[:-1])
+        pinned[-1] = self.range_row
+        out = torch.ops.quantized.linear_dynamic(pinned, self._packed, self.reduce_range)[:-1]
+        out.mul_(peak)
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                "int8 weights and per-token int8 activations")
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def w8a8_supported() -> str | None:
+    """Why ``w8a8`` cannot run here, or None: it needs torch's fbgemm engine (x86)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return ("THAI_QUANTIZATION=w8a8 needs torch's fbgemm int8 kernels (an x86 CPU build); "
+                f"this build has {', '.join(torch.backends.quantized.supported_engines)}")
+    return None
+
+
 def quantize_int8(model: nn.Module, dtype: torch.dtype) -> int:
     """Replace every ``nn.Linear`` (``lm_head`` too) in place; returns how many."""
-    count = 0
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear.from_linear(child, dtype))
-            count += 1
-        else:
-            count += quantize_int8(child, dtype)
-    return count
+    return len(_replace_linears(model, lambda linear: Int8Linear.from_linear(linear, dtype)))
+
+
+def quantize_w8a8(model: nn.Module, cpu_flags: list[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Replace every ``nn.Linear`` (``lm_head`` too) with :class:`W8A8Linear`; returns
+    (parent, name, original) for each, which :func:`restore_linears` puts back."""
+    reduce_range = not any(flag in cpu_flags for flag in VNNI_FLAGS)
+    return _replace_linears(model, lambda linear: W8A8Linear.from_linear(linear, reduce_range))
+
+
+def restore_linears(replaced: list[tuple[nn.Module, str, nn.Linear]]) -> None:
+    for parent, name, original in replaced:
+        setattr(parent, name, original)
+
+
+def _replace_linears(model: nn.Module, convert) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Convert every ``nn.Linear`` under ``model``, several at once: fbgemm's packing runs on
+    one core, so a thread per core (the GIL is released inside torch) divides the time."""
+    found = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        converted = list(pool.map(lambda item: convert(item[2]), found))
+    for (parent, name, _), new in zip(found, converted):
+        setattr(parent, name, new)
+    return found
+
+
+# ------------------------------------------------------------------ THAI_QUANTIZATION=auto
+
+PROBE_TEXT = Path(__file__).resolve().parents[2] / "assets" / "examples" / "news.txt"
+PROBE_TOKENS = 256
+
+
+@dataclass
+class QuantizationChoice:
+    setting: str          # what runs: none, int8, w8a8, 8bit or 4bit
+    reason: str           # why, for /health and the UI banner
+    kl_mean: float | None = None
+
+
+def next_token_logprobs(model: nn.Module, ids: list[int], window: int = 256) -> torch.Tensor:
+    """log-softmax of the model's next-token logits at every position of ``ids``, in float32."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), window):
+            chunk = torch.tensor([ids[start:start + window]], device=model.device)
+            out.append(torch.log_softmax(model(chunk).logits[0].float(), dim=-1))
+    return torch.cat(out)
+
+
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) per position, in nats, from two log-probability tensors."""
+    return (reference.exp() * (reference - other)).sum(-1)
+
+
+def probe_ids(tokenizer) -> list[int]:
+    """The first :data:`PROBE_TOKENS` tokens of the bundled Thai news text ([] if missing)."""
+    try:
+        text = PROBE_TEXT.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return tokenizer(text)["input_ids"][:PROBE_TOKENS]
+
+
+def choose_cpu_quantization(model: nn.Module, ids: list[int], max_kl: float,
+                            cpu_flags: list[str]) -> QuantizationChoice:
+    """``THAI_QUANTIZATION=auto`` on a CPU: ``w8a8`` (the fastest setting, ``bench/RESULTS.md``)
+    if, on *these* weights, it moves the next-token distribution of a bundled Thai text by
+    at most ``max_kl`` nats per token on average; otherwise the weights stay as they are.
+
+    Measured at start-up rather than assumed: a trained model's activations can have
+    outlier channels that per-token int8 rounds badly, which random or other weights
+    would not show. Costs two forward passes over :data:`PROBE_TOKENS` tokens.
+    """
+    if max_kl <= 0:
+        return QuantizationChoice("none", "none: THAI_QUANTIZATION_MAX_KL=0 (auto never quantizes)")
+    if (problem := w8a8_supported()) is not None:
+        return QuantizationChoice("none", f"none: {problem}")
+    if not ids:
+        return QuantizationChoice("none", f"none: the probe text {PROBE_TEXT.name} is missing, so "
+                                  "w8a8's quality cost cannot be checked")
+    reference = next_token_logprobs(model, ids)
+    replaced = quantize_w8a8(model, cpu_flags)
+    kl = kl_divergence(reference, next_token_logprobs(model, ids)).mean().item()
+    measured = f"KL {kl:.4f} nats/token against the unquantized weights on {len(ids)} Thai tokens"
+    if kl <= max_kl:
+        return QuantizationChoice("w8a8", f"w8a8 chosen by THAI_QUANTIZATION=auto: {measured} "
+                                  f"(limit THAI_QUANTIZATION_MAX_KL={max_kl:g})", kl)
+    restore_linears(replaced)
+    return QuantizationChoice("none", f"none: THAI_QUANTIZATION=auto measured w8a8 at {measured}, "
+                              f"above THAI_QUANTIZATION_MAX_KL={max_kl:g}", kl)

@@ -78,7 +78,8 @@ async def health(request: Request):
         status=status, model_loaded=state is EngineState.READY, model=info.model_name,
         base_model=public_base_model(info.base_model), adapter_loaded=bool(info.adapter),
         demo=info.demo, device=info.device, dtype=info.dtype,
-        dtype_reason=info.dtype_reason, memory_mb=engine.memory_mb(),
+        dtype_reason=info.dtype_reason, quantization=info.quantization,
+        quantization_reason=info.quantization_reason, memory_mb=engine.memory_mb(),
         uptime_s=round(time.time() - engine.started_at, 3), error=public_failure(engine),
         requests_running=running, requests_waiting=waiting, engine=info.engine,
         upstreams=engine.upstream_states())
