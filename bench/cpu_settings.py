@@ -35,6 +35,8 @@ CONFIGS = {
     "auto-threads-all": {"THAI_DTYPE": "auto"},
     "auto-threads-1": {"THAI_DTYPE": "auto", "THAI_NUM_THREADS": "1"},
     "auto-int8": {"THAI_DTYPE": "auto", "THAI_QUANTIZATION": "int8"},
+    "auto-w8a8": {"THAI_DTYPE": "auto", "THAI_QUANTIZATION": "w8a8"},
+    "defaults": {"THAI_DTYPE": "auto", "THAI_QUANTIZATION": "auto"},  # the rest: none
 }
 
 

@@ -110,13 +110,17 @@ class ServerPool:
 
     def start_ours(self, model_dir: str, *, lora_dir: str = "", max_batch_size: int = 64,
                    max_waiting: int = 4096, device: str = "auto", dtype: str = "auto",
-                   ready_timeout_s: float = 300, extra_env: dict[str, str] | None = None) -> Server:
+                   quantization: str = "none", ready_timeout_s: float = 300,
+                   extra_env: dict[str, str] | None = None) -> Server:
+        """Our server on ``model_dir``. ``quantization`` is none unless asked: the benchmarks
+        compare it with other systems on the same weights (the product's default is auto)."""
         port = free_port()
         env = {
             "THAI_HOST": "127.0.0.1", "THAI_PORT": str(port),
             "THAI_BASE_MODEL": model_dir, "THAI_LORA_PATH": lora_dir, "THAI_REQUIRE_MODEL": "true",
             "THAI_MAX_BATCH_SIZE": str(max_batch_size), "THAI_MAX_WAITING": str(max_waiting),
-            "THAI_DEVICE": device, "THAI_DTYPE": dtype, "THAI_ENABLE_UI": "false",
+            "THAI_DEVICE": device, "THAI_DTYPE": dtype, "THAI_QUANTIZATION": quantization,
+            "THAI_ENABLE_UI": "false",
             "THAI_ACCESS_LOG": "false", "THAI_LOG_LEVEL": "warning",
             "THAI_SERVED_MODEL_NAME": "bench", "THAI_RATE_LIMIT_PER_MINUTE": "0",
             "THAI_API_KEYS": "", "THAI_API_KEY_FILE": "", **(extra_env or {}),
