@@ -190,7 +190,7 @@ def apply_quantization(model, settings: ModelSettings, device: str, dtype, token
         layers = quantize.quantize_int8(model, dtype)
         return "int8", f"int8: {layers} linear layers with int8 weights, set by THAI_QUANTIZATION"
     if requested == "w8a8":
-        layers = len(quantize.quantize_w8a8(model, sorted(cpu_flags())))
+        layers = len(quantize.quantize_w8a8(model, cpu_flags()))
         return "w8a8", (f"w8a8: {layers} linear layers with int8 weights and per-token int8 "
                         "activations, set by THAI_QUANTIZATION")
     # auto
@@ -198,9 +198,8 @@ def apply_quantization(model, settings: ModelSettings, device: str, dtype, token
         return "none", "none: THAI_QUANTIZATION=auto quantizes on the CPU only"
     if source.adapter and not settings.merge_lora:
         return "none", "none: THAI_QUANTIZATION=auto needs the adapter merged (THAI_MERGE_LORA=true)"
-    choice = quantize.choose_cpu_quantization(model, quantize.probe_ids(tokenizer),
-                                              settings.quantization_max_kl, sorted(cpu_flags()))
-    return choice.setting, choice.reason
+    return quantize.choose_cpu_quantization(model, quantize.probe_ids(tokenizer),
+                                            settings.quantization_max_kl, cpu_flags())
 
 
 def load_model_bundle(settings: ModelSettings) -> ModelBundle:

@@ -26,8 +26,8 @@ measures both.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -151,7 +151,8 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype) -> int:
     return len(_replace_linears(model, lambda linear: Int8Linear.from_linear(linear, dtype)))
 
 
-def quantize_w8a8(model: nn.Module, cpu_flags: list[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+def quantize_w8a8(model: nn.Module,
+                  cpu_flags: Collection[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
     """Replace every ``nn.Linear`` (``lm_head`` too) with :class:`W8A8Linear`; returns
     (parent, name, original) for each, which :func:`restore_linears` puts back."""
     reduce_range = not any(flag in cpu_flags for flag in VNNI_FLAGS)
@@ -181,13 +182,6 @@ PROBE_TEXT = Path(__file__).resolve().parents[2] / "assets" / "examples" / "news
 PROBE_TOKENS = 256
 
 
-@dataclass
-class QuantizationChoice:
-    setting: str          # what runs: none, int8, w8a8, 8bit or 4bit
-    reason: str           # why, for /health and the UI banner
-    kl_mean: float | None = None
-
-
 def next_token_logprobs(model: nn.Module, ids: list[int], window: int = 256) -> torch.Tensor:
     """log-softmax of the model's next-token logits at every position of ``ids``, in float32."""
     out = []
@@ -213,29 +207,30 @@ def probe_ids(tokenizer) -> list[int]:
 
 
 def choose_cpu_quantization(model: nn.Module, ids: list[int], max_kl: float,
-                            cpu_flags: list[str]) -> QuantizationChoice:
+                            cpu_flags: Collection[str]) -> tuple[str, str]:
     """``THAI_QUANTIZATION=auto`` on a CPU: ``w8a8`` (the fastest setting, ``bench/RESULTS.md``)
     if, on *these* weights, it moves the next-token distribution of a bundled Thai text by
     at most ``max_kl`` nats per token on average; otherwise the weights stay as they are.
+    Returns (what runs: w8a8 or none, why), as :func:`~api.engine.loader.apply_quantization`.
 
     Measured at start-up rather than assumed: a trained model's activations can have
     outlier channels that per-token int8 rounds badly, which random or other weights
     would not show. Costs two forward passes over :data:`PROBE_TOKENS` tokens.
     """
     if max_kl <= 0:
-        return QuantizationChoice("none", "none: THAI_QUANTIZATION_MAX_KL=0 (auto never quantizes)")
+        return "none", "none: THAI_QUANTIZATION_MAX_KL=0 (auto never quantizes)"
     if (problem := w8a8_supported()) is not None:
-        return QuantizationChoice("none", f"none: {problem}")
+        return "none", f"none: {problem}"
     if not ids:
-        return QuantizationChoice("none", f"none: the probe text {PROBE_TEXT.name} is missing, so "
-                                  "w8a8's quality cost cannot be checked")
+        return "none", (f"none: the probe text {PROBE_TEXT.name} is missing, so w8a8's quality "
+                        "cost cannot be checked")
     reference = next_token_logprobs(model, ids)
     replaced = quantize_w8a8(model, cpu_flags)
     kl = kl_divergence(reference, next_token_logprobs(model, ids)).mean().item()
     measured = f"KL {kl:.4f} nats/token against the unquantized weights on {len(ids)} Thai tokens"
     if kl <= max_kl:
-        return QuantizationChoice("w8a8", f"w8a8 chosen by THAI_QUANTIZATION=auto: {measured} "
-                                  f"(limit THAI_QUANTIZATION_MAX_KL={max_kl:g})", kl)
+        return "w8a8", (f"w8a8 chosen by THAI_QUANTIZATION=auto: {measured} "
+                        f"(limit THAI_QUANTIZATION_MAX_KL={max_kl:g})")
     restore_linears(replaced)
-    return QuantizationChoice("none", f"none: THAI_QUANTIZATION=auto measured w8a8 at {measured}, "
-                              f"above THAI_QUANTIZATION_MAX_KL={max_kl:g}", kl)
+    return "none", (f"none: THAI_QUANTIZATION=auto measured w8a8 at {measured}, "
+                    f"above THAI_QUANTIZATION_MAX_KL={max_kl:g}")
