@@ -8,7 +8,7 @@ that ``/ui/fonts/...`` reaches them and not Gradio. Theme, CSS and head go to
 and the page itself only uses relative URLs.
 
 The UI is public, so mounting it is also where its attack surface is closed
-(Gradio 6.31; see the README's security section):
+(Gradio 6.31; see docs/security.md):
 
 - ``blocks.has_launched`` is set after mounting. Gradio's file check
   (``processing_utils._check_allowed``) returns early, allowing *any* path,

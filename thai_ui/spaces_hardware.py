@@ -7,7 +7,7 @@ the ZeroGPU device API) is installed by wrapping ``gr.Blocks.launch``, which
 function runs each call in a *forked* child that holds the GPU only for that
 call (coroutines are refused), while this app's engine is one long-lived
 worker thread that batches UI and API requests together on a device it owns.
-The README's "Hugging Face Spaces" section has the details; here the server
+docs/ui.md's "Hugging Face Spaces" section has the details; here the server
 only says so in its log, because on ZeroGPU the model silently runs on CPU.
 """
 

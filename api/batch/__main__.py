@@ -53,7 +53,7 @@ formats:
 resume: run the same command again. Rows already in OUTPUT (by custom_id, --id-column or row
   number) are skipped, so an interrupted run continues and no row is done twice.
 model: the THAI_* environment variables of the server (THAI_BASE_MODEL, THAI_LORA_PATH,
-  THAI_ENGINE, THAI_MAX_BATCH_SIZE, THAI_MAX_NEW_TOKENS, ...; see README).
+  THAI_ENGINE, THAI_MAX_BATCH_SIZE, THAI_MAX_NEW_TOKENS, ...; see docs/configuration.md).
 exit status: 0 every row succeeded; 1 some rows failed (or the model did not load);
   2 usage error; 130 Ctrl-C (SIGINT); 143 SIGTERM.
 """
