@@ -5,25 +5,46 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-STAMP := $(VENV)/.installed
+# One stamp per torch choice: `make install TORCH_SPEC=... TORCH_INDEX=...` after a first
+# install replaces torch (pip alone would keep a CPU build that satisfies the same version).
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s %s' '$(TORCH_SPEC)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
-.PHONY: install run test demo-checkpoint deploy host-api test-api bench batch clean
+.PHONY: install install-dev run test docs demo-checkpoint deploy host-api test-api bench batch clean
 
-install: $(STAMP)
+# Serving needs requirements.txt only; the test and benchmark stack is for `make test`.
+install: $(RUN_STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+install-dev: $(TEST_STAMP)
+
+$(TORCH_STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	if ls $(VENV)/.torch-* >/dev/null 2>&1; then \
+	  $(PY) -m pip install --quiet --force-reinstall --no-deps "$(TORCH_SPEC)" $(TORCH_INDEX); fi
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
-	touch $(STAMP)
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(RUN_STAMP): requirements.txt $(TORCH_STAMP)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(TEST_STAMP): requirements-dev.txt $(RUN_STAMP)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
 
 run: install
 	$(PY) app.py
 
-test: install
+test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# docs/configuration.md from the settings' own descriptions (a test checks it is current)
+docs: install
+	$(PY) -m api.settings_doc
 
 demo-checkpoint: install
 	$(PY) -m api.engine.demo_checkpoint --out models/demo
@@ -31,7 +52,7 @@ demo-checkpoint: install
 # Side-by-side serving benchmark (bench/RESULTS.md); e.g. BENCH_ARGS="--model DIR".
 # llama.cpp joins when given a GGUF of the same checkpoint and a llama-server binary, e.g.
 # BENCH_ARGS="--model DIR --gguf DIR-Q8_0.gguf --llama-server PATH" (skipped, with the reason, otherwise).
-bench: install
+bench: install-dev
 	$(PY) -m bench.run_benchmark $(BENCH_ARGS)
 
 # Production helpers (deploy/); pass flags with ARGS="...", e.g. make deploy ARGS="--domain api.example.com"
