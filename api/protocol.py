@@ -147,6 +147,7 @@ MAX_CHOICES = 16          # n: choices generated (as that many sequences) per re
 MAX_TOP_LOGPROBS = 20     # OpenAI's bound for top_logprobs (vLLM's default max_logprobs)
 MAX_LOGIT_BIAS = 1024     # entries of logit_bias
 MAX_STOP_TOKEN_IDS = 64
+MAX_PRIORITY = 100        # |priority|: orders a caller's own requests (vLLM's field)
 
 
 def _check_stop(value: str | list[str] | None) -> list[str] | None:
@@ -208,7 +209,9 @@ class SamplingFields(BaseModel):
 
     model: str | None = Field(None, max_length=256, description="Served model name.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; default: "
-                                   "the rest of the context window, at most THAI_MAX_TOKENS_LIMIT.")
+                                   "the rest of the context window, at most THAI_MAX_TOKENS_LIMIT "
+                                   "and within THAI_MAX_OUTPUT_TOKENS_PER_REQUEST (n x max_tokens) "
+                                   "and THAI_MAX_LOGPROB_ENTRIES.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0: greedy.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, description="Up to 8 stop strings.")
@@ -247,6 +250,9 @@ class SamplingFields(BaseModel):
                                        "(llguidance's dialect) the output must match (vLLM).")
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's newer form "
                                                          "of the guided_* fields.")
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="Lower is sooner "
+                          "(vLLM): orders this caller's own waiting requests; other callers "
+                          "are served in turn whatever their priority. Local engine only.")
 
     _stop = field_validator("stop")(_check_stop)
 

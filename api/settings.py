@@ -113,6 +113,28 @@ class ModelSettings(BaseSettings):
     max_waiting: int = Field(
         64, ge=0, le=100000, description="Most requests waiting for a slot; more get HTTP 429."
     )
+    max_waiting_per_tenant: int = Field(
+        16, ge=1, le=100000,
+        description="Most requests one tenant (an API key; an address for anonymous callers "
+        "and UI visitors) may have waiting for a slot, within THAI_MAX_WAITING; more get "
+        "HTTP 429. Waiting tenants are admitted in turn.",
+    )
+    ui_engine_share: float = Field(
+        0.5, ge=0.05, le=1.0,
+        description="Share of the batch rows (THAI_MAX_BATCH_SIZE, rounded up) that anonymous "
+        "UI visitors together may hold while other requests wait; idle rows are theirs too "
+        "when nothing else waits, and are taken back as their requests finish.",
+    )
+    max_output_tokens_per_request: int = Field(
+        8192, ge=1, le=1_048_576,
+        description="Most tokens one request may generate over all its choices (n x "
+        "max_tokens); more get HTTP 400. A request without max_tokens gets at most its share.",
+    )
+    max_logprob_entries: int = Field(
+        65536, ge=1, le=16_777_216,
+        description="Most log probabilities one request may return: n x max_tokens x "
+        "(top_logprobs + 1), plus the prompt's with echo; more get HTTP 400.",
+    )
     prefix_caching: bool = Field(
         True, description="Reuse the KV of a prompt prefix recent prompts shared (system prompt, "
         "summary instruction) instead of prefilling it again.",

@@ -32,6 +32,7 @@ import gradio as gr
 
 from api.batch import run_batch
 from api.engine import GenerationChunk, GenerationRequest
+from api.engine.tenants import key_tenant, ui_tenant
 from api.protocol import (
     ChatCompletionRequest,
     SummarizeProgress,
@@ -67,6 +68,7 @@ from thai_ui.uploads import UploadStore
 
 log = logging.getLogger("thai.ui")
 PROGRESS_INTERVAL_S = 0.25  # the batch tab's progress: at most four updates a second
+UI_BATCH_TENANT = ui_tenant("batch")  # the batch tab's rows: one UI tenant, in its shared slots
 
 # The longest text /v1/summarize accepts; the UI's counters stop there too.
 MAX_TEXT_CHARS: int = next(m.max_length for m in SummarizeRequest.model_fields["text"].metadata
@@ -144,8 +146,8 @@ class UIHandlers:
         return self.text_stats(text, max_tokens).markdown()
 
     # ---------------------------------------------------------- summarize
-    async def summarize(self, text: str | None, max_tokens: float,
-                        temperature: float) -> AsyncIterator[tuple[str, str]]:
+    async def summarize(self, text: str | None, max_tokens: float, temperature: float,
+                        request: gr.Request = None) -> AsyncIterator[tuple[str, str]]:
         """Stream (summary so far, status line) pairs.
 
         A long text is summarized in pieces by the serving layer: while its pieces run, the
@@ -155,16 +157,18 @@ class UIHandlers:
         started = time.perf_counter()
         if text is None or is_blank(text):
             raise ui_error("empty_text")
-        async with aclosing(self._summary_updates(text, max_tokens, temperature, started)) as updates:
+        async with aclosing(self._summary_updates(text, max_tokens, temperature, started,
+                                                  tenant=tenant_of(request))) as updates:
             async for update in updates:
                 yield update
 
     async def _summary_updates(self, text: str, max_tokens: float, temperature: float,
-                               started: float, suffix: str = "") -> AsyncIterator[tuple[str, str]]:
+                               started: float, suffix: str = "", *,
+                               tenant: str) -> AsyncIterator[tuple[str, str]]:
         try:
             request = SummarizeRequest(text=text, max_tokens=int(max_tokens),
                                        temperature=float(temperature))
-            run = await self.serving.summarize_events(request)
+            run = await self.serving.summarize_events(request, tenant)
         except Exception as exc:
             raise error_for(exc) from None
         parts: list[str] = []
@@ -199,14 +203,15 @@ class UIHandlers:
         document = await self._read_document(path)
         return document.text, document_markdown(document)
 
-    async def summarize_file(self, path: str | None, max_tokens: float,
-                             temperature: float) -> AsyncIterator[tuple[str, str]]:
+    async def summarize_file(self, path: str | None, max_tokens: float, temperature: float,
+                             request: gr.Request = None) -> AsyncIterator[tuple[str, str]]:
         """For ``gradio_client``: a document's summary, streamed like :meth:`summarize`."""
         started = time.perf_counter()
         document = await self._read_document(path)
         suffix = " · " + document_markdown(document)
         async with aclosing(self._summary_updates(document.text, max_tokens, temperature,
-                                                  started, suffix)) as updates:
+                                                  started, suffix,
+                                                  tenant=tenant_of(request))) as updates:
             async for update in updates:
                 yield update
 
@@ -367,11 +372,13 @@ class UIHandlers:
             self._batch_serving = Serving(engine, self.serving.settings,
                                           document_max_bytes=self.serving.document_max_bytes,
                                           document_max_pages=self.serving.document_max_pages)
+            self._batch_serving.default_tenant = UI_BATCH_TENANT  # within the UI's share
         return self._batch_serving
 
     # --------------------------------------------------------------- chat
     async def chat(self, message: Any, history: list[Any] | None, system_prompt: str | None,
-                   max_tokens: float, temperature: float) -> AsyncIterator[str]:
+                   max_tokens: float, temperature: float,
+                   request: gr.Request = None) -> AsyncIterator[str]:
         """Stream the assistant's reply (the text so far, as ChatInterface expects)."""
         messages = build_messages(message, history, system_prompt)
         if is_blank(messages[-1]["content"]):
@@ -379,11 +386,11 @@ class UIHandlers:
         try:
             # The seed's defaults for people: no repeated 3-grams (the OpenAI route's
             # default is plain decoding).
-            request = ChatCompletionRequest(
+            body = ChatCompletionRequest(
                 model=self.serving.model_name, messages=messages, max_tokens=int(max_tokens),
                 temperature=float(temperature),
                 no_repeat_ngram_size=self.serving.settings.no_repeat_ngram_size)
-            generation = await self.serving.chat_request(request)
+            generation = await self.serving.chat_request(body, tenant_of(request))
         except Exception as exc:
             raise error_for(exc) from None
         async with aclosing(self._stream(generation)) as chunks:
@@ -454,6 +461,19 @@ def document_markdown(document: DocumentText) -> str:
         parts.append(f"{document.pages:,} หน้า / pages")
     parts.append(f"{document.characters:,} ตัวอักษร / characters")
     return " · ".join(parts)
+
+
+def tenant_of(request: Any) -> str:
+    """Whom the engine works for (:mod:`api.engine.tenants`): the key's label on a protected
+    UI (the auth middleware stored it), else the visitor's address as the app's
+    trusted-proxy step settled it; never the session hash, which the client chooses."""
+    if request is None:
+        return ui_tenant("unknown")
+    label = getattr(getattr(request, "state", None), "client_id", None)  # starlette's State
+    if label:
+        return key_tenant(str(label))
+    host = getattr(getattr(request, "client", None), "host", None)
+    return ui_tenant(str(host) if host else "unknown")
 
 
 def _session_of(request: Any) -> str:

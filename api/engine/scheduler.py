@@ -13,6 +13,10 @@ attention mask hides pad columns and ``position_ids`` count only real tokens,
 so each sequence computes exactly what it would alone. Leading columns that
 are pad in every row are trimmed whenever a row leaves. Prompts that start
 with a prefix seen recently (``PrefixCache``) prefill only the rest.
+
+Waiting requests are admitted by tenant (:mod:`api.engine.tenants`): in turn, each
+tenant's own by priority then arrival, anonymous UI work within its share of the rows,
+and at most ``max_waiting_per_tenant`` waiting per tenant.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +47,7 @@ from api.engine.errors import (
 )
 from api.engine.loader import ModelBundle
 from api.engine.metrics import EngineMetrics
+from api.engine.tenants import TenantQueue, ui_row_cap
 from api.engine.sampler import NGramBlocker, RowRule, sample_batch
 from api.engine.types import GenerationChunk, GenerationRequest, TokenLogprob
 
@@ -80,12 +85,16 @@ class Sequence:
 class BatchScheduler:
     def __init__(self, bundle: ModelBundle, *, max_batch_size: int, max_waiting: int,
                  request_timeout_s: float, metrics: EngineMetrics, prefix_caching: bool = True,
-                 num_threads: int = 0):
+                 num_threads: int = 0, max_waiting_per_tenant: int | None = None,
+                 ui_share: float = 1.0):
         self.bundle = bundle
         self.num_threads = num_threads
         self.model = bundle.model
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
+        self.max_waiting_per_tenant = (max_waiting if max_waiting_per_tenant is None
+                                       else max_waiting_per_tenant)
+        self.ui_cap = ui_row_cap(ui_share, max_batch_size)
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics
         self.eos = set(bundle.eos_token_ids)
@@ -96,7 +105,8 @@ class BatchScheduler:
         self.fault_injector: Callable[[str], None] | None = None
         self.dead: BaseException | None = None
         self._lock = threading.Condition()
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: TenantQueue[Sequence] = TenantQueue(
+            lambda seq: seq.request.tenant, lambda seq: seq.request.priority)
         self._running: list[Sequence] = []
         self._prefilling = 0                          # admitted, in neither list during prefill
         self._kv = KVBatch()
@@ -154,7 +164,13 @@ class BatchScheduler:
                 raise EngineOverloadedError(
                     f"server is at capacity: {len(self._running)} running and "
                     f"{len(self._waiting)} waiting requests; retry shortly", retry_after=1)
-            self._waiting.append(seq)
+            mine = self._waiting.waiting(request.tenant)
+            if mine >= self.max_waiting_per_tenant + max(free_slots, 0):
+                raise EngineOverloadedError(
+                    f"too many requests of yours are waiting: at most "
+                    f"{self.max_waiting_per_tenant} (THAI_MAX_WAITING_PER_TENANT); retry when "
+                    "some have finished", retry_after=1)
+            self._waiting.push(seq)
             self.metrics.waiting.set(len(self._waiting))
             self._lock.notify_all()
         return seq
@@ -205,17 +221,22 @@ class BatchScheduler:
                            else EngineDeadError(f"engine worker died: {self.dead!r}"))
 
     def _admit_locked(self) -> list[Sequence]:
+        """The next sequences to prefill: tenants in turn (see :mod:`api.engine.tenants`)
+        while rows are free, within one prefill's token budget."""
         admitted: list[Sequence] = []
         budget = MAX_PREFILL_TOKENS
+        rows = Counter(seq.request.tenant for seq in self._running if not seq.done)
         while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
-            seq = self._waiting[0]
+            tenant = self._waiting.next_tenant(rows, self.ui_cap)
+            seq = self._waiting.peek(tenant)
             if seq.aborted:
-                self._waiting.popleft()
+                self._waiting.pop(tenant, served=False)
                 continue
             if admitted and seq.prompt_len > budget:
                 break
             budget -= seq.prompt_len
-            admitted.append(self._waiting.popleft())
+            admitted.append(self._waiting.pop(tenant))
+            rows[tenant] += 1
         self.metrics.waiting.set(len(self._waiting))
         now = time.monotonic()
         for seq in admitted:
@@ -269,7 +290,7 @@ class BatchScheduler:
                     f"generation did not finish within the {self.request_timeout_s:g}s request "
                     "deadline (THAI_REQUEST_TIMEOUT_S)"))
         with self._lock:
-            self._waiting = deque(s for s in self._waiting if not s.done)
+            self._waiting.keep(lambda s: not s.done)
         self._evict()
 
     def _prefill(self, seqs: list[Sequence]) -> None:

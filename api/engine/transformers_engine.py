@@ -111,7 +111,9 @@ class TransformersEngine(Engine):
             bundle, max_batch_size=self.settings.max_batch_size,
             max_waiting=self.settings.max_waiting,
             request_timeout_s=self.settings.request_timeout_s, metrics=self.metrics,
-            prefix_caching=self.settings.prefix_caching, num_threads=self.settings.num_threads)
+            prefix_caching=self.settings.prefix_caching, num_threads=self.settings.num_threads,
+            max_waiting_per_tenant=self.settings.max_waiting_per_tenant,
+            ui_share=self.settings.ui_engine_share)
         self.scheduler.start()
         self.state = EngineState.READY
         log.info("model ready in %.1fs: base=%s adapter=%s device=%s dtype=%s%s",

@@ -74,6 +74,9 @@ class GenerationRequest:
     ``prompt_ids`` still serve for context checks and as a fallback token count.
     ``plain_prompt``: the ids are a plain prompt (``/v1/completions``), not a chat's
     template; an upstream engine sends them as the ``prompt`` of its own ``/v1/completions``.
+    ``tenant``: who the work is for (:mod:`api.engine.tenants`): the local engine admits
+    tenants in turn and bounds the anonymous UI's share of the batch. ``priority``: vLLM's
+    field, lower sooner, ordering only this tenant's own waiting requests.
     """
 
     prompt_ids: list[int]
@@ -82,6 +85,8 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     passthrough: dict[str, Any] = field(default_factory=dict)
     plain_prompt: bool = False
+    tenant: str = "local"
+    priority: int = 0
 
 
 @dataclass(frozen=True)

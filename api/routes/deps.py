@@ -11,7 +11,9 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from api.engine.tenants import anon_tenant, key_tenant
 from api.errors import ClientDisconnectedError
+from api.security import client_address
 from api.serving import Serving
 
 log = logging.getLogger("thai.api")
@@ -21,6 +23,14 @@ T = TypeVar("T")
 
 def get_serving(request: Request) -> Serving:
     return request.app.state.serving
+
+
+def request_tenant(request: Request) -> str:
+    """Whom the engine works for (:mod:`api.engine.tenants`): the API key's label, which
+    :class:`api.security.AuthMiddleware` stored after checking the key, else the client's
+    address (after the trusted-proxy step)."""
+    label = request.scope.get("state", {}).get("client_id")
+    return key_tenant(label) if label else anon_tenant(client_address(request.scope))
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from api.errors import InvalidRequestError, clip
 from api.middleware import DOCUMENT_UPLOAD_PATH
 from api.protocol import SummarizeDocumentForm, SummarizeDocumentResponse
-from api.routes.deps import cancel_on_disconnect, event_stream_response, get_serving
+from api.routes.deps import cancel_on_disconnect, event_stream_response, get_serving, request_tenant
 from api.routes.openai_chat import ERRORS
 from api.routes.summarize import SUMMARY_STREAM_DOC
 from api.serving import Serving, SummaryOptions
@@ -53,7 +53,8 @@ def _form_schema() -> dict:
                                "summarize.result event carries `document` too."}},
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": _form_schema()}}}})
-async def summarize_document(request: Request, serving: Serving = Depends(get_serving)):
+async def summarize_document(request: Request, serving: Serving = Depends(get_serving),
+                             tenant: str = Depends(request_tenant)):
     """Summarize an uploaded document.
 
     The text is extracted from the file (pages of a PDF or Word document, the visible text
@@ -67,9 +68,10 @@ async def summarize_document(request: Request, serving: Serving = Depends(get_se
     filename = upload.filename or ""
     if options.stream:
         events = await cancel_on_disconnect(
-            request, serving.summarize_document_stream(data, filename, summary))
+            request, serving.summarize_document_stream(data, filename, summary, tenant))
         return event_stream_response(request, events)
-    return await cancel_on_disconnect(request, serving.summarize_document(data, filename, summary))
+    return await cancel_on_disconnect(
+        request, serving.summarize_document(data, filename, summary, tenant=tenant))
 
 
 async def read_document_form(request: Request) -> tuple[UploadFile, bytes, SummarizeDocumentForm]:

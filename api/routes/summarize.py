@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from api.protocol import SummarizeRequest, SummarizeResponse
-from api.routes.deps import cancel_on_disconnect, event_stream_response, get_serving
+from api.routes.deps import cancel_on_disconnect, event_stream_response, get_serving, request_tenant
 from api.routes.openai_chat import ERRORS
 from api.serving import Serving
 
@@ -24,7 +24,8 @@ SUMMARY_RESPONSES = {**ERRORS, 200: {"content": {"text/event-stream": {}},
 
 @router.post("/v1/summarize", response_model=SummarizeResponse, responses=SUMMARY_RESPONSES)
 async def summarize(body: SummarizeRequest, request: Request,
-                    serving: Serving = Depends(get_serving)):
+                    serving: Serving = Depends(get_serving),
+                    tenant: str = Depends(request_tenant)):
     """Summarize Thai text with the configured summary prompt.
 
     A text longer than `THAI_SUMMARY_CHUNK_TOKENS` tokens (or one that does not fit the
@@ -33,6 +34,6 @@ async def summarize(body: SummarizeRequest, request: Request,
     in the response say how much work that took, `usage` counts every call.
     """
     if body.stream:  # admission (tokenizing, splitting) errors are statuses, not events
-        events = await cancel_on_disconnect(request, serving.summarize_stream(body))
+        events = await cancel_on_disconnect(request, serving.summarize_stream(body, tenant))
         return event_stream_response(request, events)
-    return await cancel_on_disconnect(request, serving.summarize(body))
+    return await cancel_on_disconnect(request, serving.summarize(body, tenant=tenant))

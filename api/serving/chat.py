@@ -112,7 +112,8 @@ class ChatServing(ServingBase):
         return GrammarSpec("lark", tool_call_grammar(functions, parallel=parallel,
                                                      tags=tool_call_tags(self.engine)))
 
-    async def chat_plan(self, request: ChatCompletionRequest) -> ChatPlan:
+    async def chat_plan(self, request: ChatCompletionRequest, tenant: str | None = None) -> ChatPlan:
+        """The engine's requests for ``tenant`` (who asks: :mod:`api.engine.tenants`)."""
         self.check_model(request.model)
         self.check_openai_fields(request, "/v1/chat/completions", {
             "n": request.n > 1, "logprobs": request.logprobs, "tools": bool(request.tools)})
@@ -132,17 +133,20 @@ class ChatServing(ServingBase):
             no_repeat_ngram_size=no_repeat, logprobs=logprobs, grammar=forced,
             grammar_param="tool_choice" if forced is not None else None)
         gens = self.choice_requests(request.n, prompt_ids, params, messages=messages,
-                                    passthrough=request.passthrough_fields())
+                                    passthrough=request.passthrough_fields(),
+                                    tenant=self.tenant(tenant), priority=request.priority)
         parse = request.tools and request.tool_choice != "none"
         names = {t.function.name for t in request.tools or ()} if parse else set()
         return ChatPlan(gens, names, request.logprobs, request.parallel_tool_calls is not False)
 
-    async def chat_request(self, request: ChatCompletionRequest) -> GenerationRequest:
+    async def chat_request(self, request: ChatCompletionRequest,
+                           tenant: str | None = None) -> GenerationRequest:
         """The first choice's engine request (the UI's chat: one choice, plain text)."""
-        return (await self.chat_plan(request)).gens[0]
+        return (await self.chat_plan(request, tenant)).gens[0]
 
-    async def chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        plan = await self.chat_plan(request)
+    async def chat_completion(self, request: ChatCompletionRequest,
+                              tenant: str | None = None) -> ChatCompletionResponse:
+        plan = await self.chat_plan(request, tenant)
         results = await self.complete_all(plan.gens)
         names = TokenNames(self.engine)
         choices = []
@@ -164,9 +168,10 @@ class ChatServing(ServingBase):
             model=self.model_name, choices=choices,
             usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)))
 
-    async def chat_completion_stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def chat_completion_stream(self, request: ChatCompletionRequest,
+                                     tenant: str | None = None) -> AsyncIterator[str]:
         """Admit now (errors raise before streaming), then yield SSE ``data:`` lines."""
-        plan = await self.chat_plan(request)
+        plan = await self.chat_plan(request, tenant)
         streams = await self.open_streams(plan.gens)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return self._sse(streams, plan, include_usage)

@@ -18,6 +18,7 @@ from pathlib import Path
 from api.engine import Engine, GenerationChunk, GenerationRequest, GrammarSpec, SamplingParams, TokenLogprob
 from api.engine.base import GenerationStream
 from api.engine.errors import GrammarError
+from api.engine.tenants import LOCAL_TENANT
 from api.errors import InvalidRequestError, ModelNotFoundError, clip, error_content, redact_paths
 from api.middleware import current_request_id
 from api.protocol import SamplingFields, Usage
@@ -86,6 +87,11 @@ class ServingBase:
     def __init__(self, engine: Engine, settings: ModelSettings):
         self.engine = engine
         self.settings = settings
+        # Whom requests are for when the caller names nobody (api.engine.tenants).
+        self.default_tenant = LOCAL_TENANT
+
+    def tenant(self, tenant: str | None) -> str:
+        return tenant or self.default_tenant
 
     @property
     def model_name(self) -> str:
@@ -127,16 +133,20 @@ class ServingBase:
                             grammar: GrammarSpec | None = None,
                             grammar_param: str | None = None) -> SamplingParams:
         """The OpenAI routes' sampling: vLLM's defaults (no max_tokens: the rest of the
-        window, at most THAI_MAX_TOKENS_LIMIT; no n-gram blocking), its extensions, and
+        window, at most THAI_MAX_TOKENS_LIMIT and each choice's part of the output bounds,
+        :meth:`output_room`; no n-gram blocking), its extensions, and
         the output constraint (``grammar``, else what the request's fields ask for),
         checked by the engine now so a schema it cannot enforce is a 400."""
         if max_tokens is None:
             room = self.engine.info.max_context - prompt_tokens
-            max_tokens = max(1, min(room, self.settings.max_tokens_limit))
+            max_tokens = max(1, min(room, self.settings.max_tokens_limit,
+                                    self.output_room(request.n, logprobs)))
         params = self.sampling_params(
             max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
             stop=request.stop, seed=request.seed, min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos, no_repeat_ngram_size=no_repeat_ngram_size)
+        self.check_output_bound(request.n, max_tokens, logprobs, prompt_tokens, prompt_logprobs)
+        self.check_priority(request)
         if grammar is None:
             grammar, grammar_param = grammar_for(request)
         if grammar is not None:
@@ -157,6 +167,48 @@ class ServingBase:
                                  if self._check_token_id(token, "stop_token_ids")),
             include_stop_str_in_output=request.include_stop_str_in_output,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar)
+
+    # ------------------------------------------------ one request's output
+    # n x max_tokens tokens and their log probabilities are what one small request can make
+    # the server compute and send (a 64 MB body from 200 bytes): both have a bound.
+    def output_room(self, n: int, logprobs: int | None) -> int:
+        """The most max_tokens that ``n`` choices (with ``logprobs`` alternatives) may have:
+        the default when a request names none."""
+        room = self.settings.max_output_tokens_per_request // n
+        if logprobs is not None:
+            room = min(room, self.settings.max_logprob_entries // (n * (logprobs + 1)))
+        return room
+
+    def check_output_bound(self, n: int, max_tokens: int, logprobs: int | None,
+                           prompt_tokens: int = 0, prompt_logprobs: int | None = None) -> None:
+        """A 400 naming the setting when the request may generate more than one request may."""
+        s = self.settings
+        if n * max_tokens > s.max_output_tokens_per_request:
+            raise InvalidRequestError(
+                f"n x max_tokens is {n} x {max_tokens} = {n * max_tokens} tokens, above this "
+                f"server's limit of {s.max_output_tokens_per_request} output tokens per request "
+                "(THAI_MAX_OUTPUT_TOKENS_PER_REQUEST); ask for fewer choices or tokens",
+                param="max_tokens" if n == 1 else "n", code="output_too_large")
+        entries = 0
+        if logprobs is not None:
+            entries += n * max_tokens * (logprobs + 1)
+        if prompt_logprobs is not None:
+            entries += n * prompt_tokens * (prompt_logprobs + 1)
+        if entries > s.max_logprob_entries:
+            raise InvalidRequestError(
+                f"this request may return {entries} log probabilities (n x (max_tokens x "
+                "(top logprobs + 1), plus the prompt's with echo)), above this server's limit of "
+                f"{s.max_logprob_entries} (THAI_MAX_LOGPROB_ENTRIES); ask for fewer choices, "
+                "tokens or top logprobs", param="logprobs", code="output_too_large")
+
+    def check_priority(self, request: SamplingFields) -> None:
+        """``priority`` orders this caller's requests in the local engine's queue; an
+        upstream engine schedules across every caller, so it is refused there, not dropped."""
+        if request.priority and self.engine.info.engine == "openai":
+            raise InvalidRequestError(
+                "priority is not available with THAI_ENGINE=openai: it orders a caller's own "
+                "requests in the local engine's queue", param="priority",
+                code="unsupported_field")
 
     def _check_token_id(self, token: int, param: str) -> bool:
         """True for an id of this model's vocabulary; a 400 naming ``param`` otherwise."""

@@ -43,8 +43,10 @@ class CompletionServing(ServingBase):
                 f"prompt[{bad}] is {ids[bad]}, not a token id of this model (ids are 0 to "
                 f"{vocab - 1})", param="prompt", code="invalid_token_id")
 
-    async def completion_request(self, request: CompletionRequest) -> tuple[list[GenerationRequest], str]:
-        """The engine's requests (one per choice), and the text ``echo`` puts first ("" without echo)."""
+    async def completion_request(self, request: CompletionRequest, tenant: str | None = None
+                                 ) -> tuple[list[GenerationRequest], str]:
+        """The engine's requests (one per choice, for ``tenant``), and the text ``echo`` puts
+        first ("" without echo)."""
         self.check_model(request.model)
         self.check_completion_fields(request)
         prompt, engine = request.prompt, self.engine
@@ -69,11 +71,13 @@ class CompletionServing(ServingBase):
             no_repeat_ngram_size=request.no_repeat_ngram_size, logprobs=request.logprobs,
             prompt_logprobs=prompt_logprobs)
         gens = self.choice_requests(request.n, ids, params, plain_prompt=True,
-                                    passthrough=request.passthrough_fields())
+                                    passthrough=request.passthrough_fields(),
+                                    tenant=self.tenant(tenant), priority=request.priority)
         return gens, echo if request.echo else ""
 
-    async def completion(self, request: CompletionRequest) -> CompletionResponse:
-        gens, echo = await self.completion_request(request)
+    async def completion(self, request: CompletionRequest,
+                         tenant: str | None = None) -> CompletionResponse:
+        gens, echo = await self.completion_request(request, tenant)
         results = await self.complete_all(gens)
         names = TokenNames(self.engine)
         choices = []
@@ -91,10 +95,11 @@ class CompletionServing(ServingBase):
             model=self.model_name, choices=choices,
             usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)))
 
-    async def completion_stream(self, request: CompletionRequest) -> AsyncIterator[str]:
+    async def completion_stream(self, request: CompletionRequest,
+                                tenant: str | None = None) -> AsyncIterator[str]:
         """Admit now (errors raise before streaming), then the SSE ``data:`` lines: the echoed
         prompt (with ``echo``), the text as it comes, the finish reason, the usage if asked."""
-        gens, echo = await self.completion_request(request)
+        gens, echo = await self.completion_request(request, tenant)
         streams = await self.open_streams(gens)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         names = TokenNames(self.engine)

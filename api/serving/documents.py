@@ -39,8 +39,8 @@ class DocumentServing(SummarizeServing):
                                        max_bytes=self.document_max_bytes,
                                        max_pages=self.document_max_pages)
 
-    async def start_document_summary(self, data: bytes, filename: str,
-                                     options: SummaryOptions) -> SummaryRun:
+    async def start_document_summary(self, data: bytes, filename: str, options: SummaryOptions,
+                                     tenant: str | None = None) -> SummaryRun:
         """Admit and start the summary of a file (errors, extraction's too, raise here)."""
         self.summary_params(options)  # a wrong model or max_tokens fails before the parsing
         document = await self.extract_document(data, filename)
@@ -48,14 +48,15 @@ class DocumentServing(SummarizeServing):
             raise EmptyDocumentError("No text could be extracted from the file.")
         info = DocumentInfo(filename=document.filename, kind=document.kind, pages=document.pages,
                             characters=document.characters)
-        return await self.start_summary(document.text, options, document=info)
+        return await self.start_summary(document.text, options, document=info, tenant=tenant)
 
     async def summarize_document(self, data: bytes, filename: str, options: SummaryOptions, *,
-                                 on_progress: ProgressCallback | None = None) -> SummarizeDocumentResponse:
-        run = await self.start_document_summary(data, filename, options)
+                                 on_progress: ProgressCallback | None = None,
+                                 tenant: str | None = None) -> SummarizeDocumentResponse:
+        run = await self.start_document_summary(data, filename, options, tenant)
         return await run.response(on_progress)
 
-    async def summarize_document_stream(self, data: bytes, filename: str,
-                                        options: SummaryOptions) -> AsyncIterator[str]:
+    async def summarize_document_stream(self, data: bytes, filename: str, options: SummaryOptions,
+                                        tenant: str | None = None) -> AsyncIterator[str]:
         """Admit now (errors raise before streaming), then yield SSE ``data:`` lines."""
-        return summary_sse(await self.start_document_summary(data, filename, options))
+        return summary_sse(await self.start_document_summary(data, filename, options, tenant))

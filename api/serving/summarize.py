@@ -35,6 +35,7 @@ from api.documents.chunking import split_text
 from api.engine import GenerationRequest, SamplingParams
 from api.engine.base import GenerationStream
 from api.engine.errors import EngineOverloadedError
+from api.engine.tenants import LOCAL_TENANT
 from api.errors import InvalidRequestError, error_content
 from api.protocol import (
     DocumentInfo,
@@ -90,6 +91,7 @@ class _Plan:
     prompt_ids: list[int] | None = None
     pieces: list[str] | None = None  # ... or it is split into these
     document: DocumentInfo | None = None
+    tenant: str = LOCAL_TENANT  # whom every call is for (api.engine.tenants)
 
 
 class SummaryError(InvalidRequestError):
@@ -225,28 +227,34 @@ class SummarizeServing(ServingBase):
                                       "send the Thai text to summarize", param="text")
         return self._prompt_messages(text)
 
-    async def summary_request(self, request: SummarizeRequest) -> GenerationRequest:
+    async def summary_request(self, request: SummarizeRequest,
+                              tenant: str | None = None) -> GenerationRequest:
         """The one call of a text that fits (the UI streams it itself)."""
         self.check_model(request.model)
         params = self.sampling_params(max_tokens=request.max_tokens,
                                       temperature=request.temperature, top_p=request.top_p)
         messages = self.summary_messages(request.text)
         return GenerationRequest(prompt_ids=await self.encode(messages), params=params,
-                                 request_id=request_id(), messages=messages)
+                                 request_id=request_id(), messages=messages,
+                                 tenant=self.tenant(tenant))
 
     # --------------------------------------------------------- public API
     async def summarize(self, request: SummarizeRequest, *,
-                        on_progress: ProgressCallback | None = None) -> SummarizeResponse:
-        run = await self.summarize_events(request)
+                        on_progress: ProgressCallback | None = None,
+                        tenant: str | None = None) -> SummarizeResponse:
+        run = await self.summarize_events(request, tenant)
         return await run.response(on_progress)
 
-    async def summarize_events(self, request: SummarizeRequest) -> SummaryRun:
-        """Admit ``request`` (errors raise here) and return its running :class:`SummaryRun`."""
-        return await self.start_summary(request.text, SummaryOptions.of(request))
+    async def summarize_events(self, request: SummarizeRequest,
+                               tenant: str | None = None) -> SummaryRun:
+        """Admit ``request`` (errors raise here) and return its running :class:`SummaryRun`;
+        every call it makes is for ``tenant`` (:mod:`api.engine.tenants`)."""
+        return await self.start_summary(request.text, SummaryOptions.of(request), tenant=tenant)
 
-    async def summarize_stream(self, request: SummarizeRequest) -> AsyncIterator[str]:
+    async def summarize_stream(self, request: SummarizeRequest,
+                               tenant: str | None = None) -> AsyncIterator[str]:
         """Admit now (errors raise before streaming), then yield SSE ``data:`` lines."""
-        return summary_sse(await self.summarize_events(request))
+        return summary_sse(await self.summarize_events(request, tenant))
 
     def summary_params(self, options: SummaryOptions) -> SamplingParams:
         """The model check and the final summary's sampling parameters (cheap: run first)."""
@@ -255,12 +263,14 @@ class SummarizeServing(ServingBase):
                                     temperature=options.temperature, top_p=options.top_p)
 
     async def start_summary(self, text: str, options: SummaryOptions, *,
-                            document: DocumentInfo | None = None) -> SummaryRun:
+                            document: DocumentInfo | None = None,
+                            tenant: str | None = None) -> SummaryRun:
         """Admit a summary of ``text`` and start it; what fails before its first generation
         runs (validation, the piece limit, an engine that is not ready or overloaded)
         raises here."""
         plan = await self._plan(text, options, self.summary_params(options))
         plan.document = document
+        plan.tenant = self.tenant(tenant)
         run = SummaryRun(lambda emit: self._produce(plan, emit))
         await run._start()
         return run
@@ -347,7 +357,7 @@ class SummarizeServing(ServingBase):
         limit = self.settings.summary_max_chunks
         for round_ in range(1, MAX_ROUNDS + 2):
             if ids is not None:  # the final round: one call, its text streamed
-                result = await self._final_call(round_, messages, ids, plan.params, emit)
+                result = await self._final_call(round_, messages, ids, plan, emit)
                 prompt_tokens += result.prompt_tokens
                 completion_tokens += result.completion_tokens
                 return self._response(plan, result.text.strip(), result.finish_reason,
@@ -361,7 +371,7 @@ class SummarizeServing(ServingBase):
                     f"(THAI_SUMMARY_MAX_CHUNKS): round {round_} has {len(pieces)} after "
                     f"{chunks} before it; send a shorter text", param="text",
                     code="too_many_chunks")
-            results = await self._summarize_pieces(round_, pieces, plan.piece_params, emit)
+            results = await self._summarize_pieces(round_, pieces, plan, emit)
             chunks += len(pieces)
             prompt_tokens += sum(r.prompt_tokens for r in results)
             completion_tokens += sum(r.completion_tokens for r in results)
@@ -401,19 +411,19 @@ class SummarizeServing(ServingBase):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _final_call(self, round_: int, messages: list[dict[str, str]], ids: list[int],
-                          params: SamplingParams, emit: Callable[[SummaryEvent], None]) -> Completion:
-        gen = GenerationRequest(prompt_ids=ids, params=params, request_id=request_id(),
-                                messages=messages)
+                          plan: _Plan, emit: Callable[[SummaryEvent], None]) -> Completion:
+        gen = GenerationRequest(prompt_ids=ids, params=plan.params, request_id=request_id(),
+                                messages=messages, tenant=plan.tenant)
         stream = await (self.open_stream(gen) if round_ == 1 else self._open_retrying(gen))
         emit(SummarizeProgress(round=round_, chunks_done=0, chunks_total=1, final=True))
         return await self.collect(stream, lambda text: emit(SummarizeDelta(delta=text)))
 
-    async def _piece_request(self, piece: str, params: SamplingParams) -> GenerationRequest:
+    async def _piece_request(self, piece: str, plan: _Plan) -> GenerationRequest:
         messages = self._prompt_messages(piece)
-        return GenerationRequest(prompt_ids=await self.encode(messages), params=params,
-                                 request_id=request_id(), messages=messages)
+        return GenerationRequest(prompt_ids=await self.encode(messages), params=plan.piece_params,
+                                 request_id=request_id(), messages=messages, tenant=plan.tenant)
 
-    async def _summarize_pieces(self, round_: int, pieces: list[str], params: SamplingParams,
+    async def _summarize_pieces(self, round_: int, pieces: list[str], plan: _Plan,
                                 emit: Callable[[SummaryEvent], None]) -> list[Completion]:
         """Summarize ``pieces`` concurrently, at most the engine's batch size at once.
 
@@ -428,7 +438,7 @@ class SummarizeServing(ServingBase):
         done = 0
         await slots.acquire()
         try:
-            request = await self._piece_request(pieces[0], params)
+            request = await self._piece_request(pieces[0], plan)
             first = await (self.open_stream(request) if round_ == 1 else self._open_retrying(request))
         except BaseException:
             slots.release()
@@ -444,7 +454,7 @@ class SummarizeServing(ServingBase):
                     slots.release()
             else:
                 async with slots:
-                    stream = await self._open_retrying(await self._piece_request(pieces[index], params))
+                    stream = await self._open_retrying(await self._piece_request(pieces[index], plan))
                     results[index] = await self.collect(stream)
             done += 1
             emit(SummarizeProgress(round=round_, chunks_done=done, chunks_total=total, final=False))
