@@ -128,3 +128,94 @@ def test_a_plain_prompt_goes_to_the_upstreams_completions_as_token_ids():
     assert (last.prompt_tokens, last.completion_tokens) == (3, 2)
     chat = GenerationRequest(prompt_ids=[1], params=SamplingParams(), messages=[{"role": "user", "content": "x"}])
     assert UpstreamStream(engine, chat).path == "/v1/chat/completions"
+
+
+# ------------------------------------------------- what an upstream engine may be sent
+VLLM_ONLY_FIELDS = [("best_of", 64), ("prompt_logprobs", 20), ("prompt_logprobs", 1),
+                    ("priority", -1000000), ("chat_template", "{{ raise_exception('x') }}"),
+                    ("chat_template_kwargs", {"enable_thinking": True}),
+                    ("logits_processors", ["evil.module:Processor"]),
+                    ("lora_request", {"lora_name": "x", "lora_path": "/etc"}),
+                    ("guided_decoding_backend", "xgrammar"), ("truncate_prompt_tokens", 1)]
+
+
+@pytest.fixture
+def upstream_front():
+    """The app over a fake engine that calls itself an upstream one (THAI_ENGINE=openai)."""
+    from fastapi.testclient import TestClient
+
+    from api.server import create_app
+    from api.settings import Settings
+    from tests.fakes import FakeEngine
+
+    engine = FakeEngine()
+    engine.info.engine = "openai"
+    app = create_app(Settings.from_overrides({"enable_ui": False}), engine)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client, engine
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("name, value", VLLM_ONLY_FIELDS)
+def test_fields_the_schema_does_not_declare_are_refused_before_the_upstream(upstream_front, route,
+                                                                            name, value):
+    client, engine = upstream_front
+    prompt = ({"messages": [{"role": "user", "content": "สวัสดี"}]} if route.endswith("chat/completions")
+              else {"prompt": "สวัสดี"})
+    body = {"model": "thai-qwen-lora", "max_tokens": 4, **prompt, name: value}
+    if route == "/v1/completions" and name == "best_of":
+        body["best_of"] = 1  # declared there (null or n): accepted, and still not forwarded
+        response = client.post(route, json=body)
+        assert response.status_code == 200, response.text
+        assert engine.requests[-1].passthrough == {}
+        return
+    response = client.post(route, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_field" and error["param"] == name
+    assert error["message"].startswith(f"unsupported field(s) for {route}: {name}")
+    assert engine.requests == [], "a refused request never reaches the engine"
+
+
+def test_the_local_and_upstream_engines_refuse_the_same_fields_with_the_same_error(upstream_front):
+    from fastapi.testclient import TestClient
+
+    from api.server import create_app
+    from api.settings import Settings
+    from tests.fakes import FakeEngine
+
+    upstream_client, _ = upstream_front
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "best_of": 4,
+            "priority": 1}
+    with TestClient(create_app(Settings.from_overrides({"enable_ui": False}), FakeEngine()),
+                    raise_server_exceptions=False) as local_client:
+        local = local_client.post("/v1/chat/completions", json=body)
+    upstream = upstream_client.post("/v1/chat/completions", json=body)
+    assert local.status_code == upstream.status_code == 400
+    assert local.json() == upstream.json()
+
+
+def test_declared_vllm_fields_are_bounded_and_forwarded_as_validated(upstream_front):
+    client, engine = upstream_front
+    fields = {"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "stop_token_ids": [3, 4],
+              "include_stop_str_in_output": True, "frequency_penalty": 0.5,
+              "presence_penalty": -0.5, "logit_bias": {"7": -100}, "no_repeat_ngram_size": 3}
+    response = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "สวัสดี"}], "max_tokens": 4, "user": "u-1", **fields})
+    assert response.status_code == 200, response.text
+    assert engine.requests[-1].passthrough == fields, "declared fields only; user is not forwarded"
+    for name, value in (("top_k", 1 << 21), ("min_p", 2.0), ("repetition_penalty", 11.0),
+                        ("stop_token_ids", list(range(65))), ("frequency_penalty", 3.0),
+                        ("logit_bias", {"7": 101}), ("no_repeat_ngram_size", 33),
+                        ("max_tokens", 10**6), ("min_tokens", 5)):
+        refused = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, name: value})
+        assert refused.status_code == 400, (name, refused.text)
+    assert len(engine.requests) == 1
+
+
+def test_every_forwarded_field_is_declared_by_both_request_schemas():
+    from api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+    for schema in (ChatCompletionRequest, CompletionRequest):
+        assert set(SamplingFields.PASSED_ON) <= set(schema.model_fields), schema
