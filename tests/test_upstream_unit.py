@@ -11,7 +11,8 @@ import pytest
 from api.engine.errors import UpstreamStatusError
 from api.engine.metrics import EngineMetrics
 from api.engine.types import GenerationRequest, SamplingParams
-from api.engine.upstream_engine import UpstreamEngine, UpstreamMetrics, UpstreamPool, _status_error
+from api.engine.upstream_engine import UpstreamEngine, UpstreamMetrics, UpstreamPool
+from api.engine.upstream_http import status_error as _status_error
 from api.errors import error_content
 from api.settings import ModelSettings
 
@@ -113,13 +114,13 @@ def test_a_plain_prompt_goes_to_the_upstreams_completions_as_token_ids():
               {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]},
               {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}]
 
-    async def lines():
+    async def relayed():
         for event in events:
-            yield f"data: {json.dumps(event)}"
-        yield "data: [DONE]"
+            yield event
+        yield None  # [DONE]
 
     async def read():
-        stream._lines = lines()
+        stream._events = relayed()
         return [await stream._next_chunk() for _ in range(3)]
 
     first, second, last = asyncio.run(read())
@@ -219,3 +220,95 @@ def test_every_forwarded_field_is_declared_by_both_request_schemas():
 
     for schema in (ChatCompletionRequest, CompletionRequest):
         assert set(SamplingFields.PASSED_ON) <= set(schema.model_fields), schema
+
+
+# ------------------------------------------------- reading a hostile upstream's answers
+def test_an_upstreams_error_text_is_one_clean_capped_line():
+    from api.engine.upstream_http import MAX_UPSTREAM_MESSAGE_CHARS, clean_message
+
+    dirty = "line one\n\x1b[1;31mCRITICAL\x1b[0m forged\r\n\x07\x1b]0;title\x07\u202eevil\u2028 " + "ก" * 900
+    clean = clean_message(dirty)
+    assert clean.startswith("line one CRITICAL forged evil กก")
+    assert len(clean) == MAX_UPSTREAM_MESSAGE_CHARS and clean.endswith("…")
+    assert all(ch.isprintable() for ch in clean)
+    assert clean_message("ปกติ ไม่มีอะไร") == "ปกติ ไม่มีอะไร"
+
+
+def test_status_errors_keep_only_clean_fields_and_read_a_bounded_prefix():
+    body = json.dumps({"error": {"message": "oops\n\x1b[2J" + "x" * 2000, "type": "bad\ntype",
+                                 "code": 10**12, "param": "messages.0.content"}}).encode()
+    error = asyncio.run(_status_error(httpx.Response(400, content=body, headers={"Retry-After": "5"})))
+    assert error.status == 400 and str(error).startswith("oops x") and len(str(error)) <= 500
+    assert error.error_type is None and error.code is None and error.param == "messages.0.content"
+    assert error.retry_after == "5"
+    limited = asyncio.run(_status_error(httpx.Response(429, content=b"{}",
+                                                       headers={"Retry-After": "99999999"})))
+    assert limited.retry_after == "3600"
+    superscript_two = "\u00b2".encode("latin-1")  # str.isdigit() says yes
+    junk = asyncio.run(_status_error(httpx.Response(503, content=b"{}",
+                                                    headers={"Retry-After": superscript_two})))
+    assert junk.retry_after is None
+    # a body longer than the bound is not parsed (and not read past it)
+    big = asyncio.run(_status_error(httpx.Response(400, content=body), limit=100))
+    assert str(big) == "The model server answered HTTP 400."
+
+
+def _events(content: bytes, kind: str = "text/event-stream", limit: int = 1 << 20,
+            plain: bool = False, **headers: str) -> list:
+    from api.engine.upstream_http import events
+
+    async def read():
+        async def body():
+            for start in range(0, len(content), 7):  # in odd pieces: lines span them
+                yield content[start:start + 7]
+
+        response = httpx.Response(200, content=body(), headers={"content-type": kind, **headers})
+        return [event async for event in events(response, limit, plain)]
+
+    return asyncio.run(read())
+
+
+def test_events_from_a_stream_a_json_answer_and_past_the_byte_bound():
+    from api.engine.errors import UpstreamError
+    from api.engine.upstream_http import UpstreamTooLargeError
+
+    stream = (b": keep-alive\r\n\r\nevent: x\ndata: {\"choices\": [{\"delta\": {\"content\": \"\xe0\xb8\x81\"}}]}\r\n\r\n"
+              b"data: [1]\n\ndata: [DONE]\n\n")
+    assert _events(stream) == [{"choices": [{"delta": {"content": "ก"}}]}, None]
+    with pytest.raises(UpstreamTooLargeError):
+        _events(b": keep-alive\n\n" * 1000, limit=4096)
+    with pytest.raises(UpstreamTooLargeError):
+        _events(b"data: " + b"x" * 10000, limit=4096)  # one endless line
+    with pytest.raises(UpstreamError, match="malformed"):
+        _events(b"data: {not json\n\n")
+    with pytest.raises(UpstreamError, match="compressed"):
+        _events(stream, **{"content-encoding": "gzip"})
+    answer = json.dumps({"choices": [{"index": 0, "message": {"content": "สรุป"}, "finish_reason": "length"}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode()
+    assert _events(answer, "application/json") == [
+        {"usage": {"prompt_tokens": 3, "completion_tokens": 1},
+         "choices": [{"index": 0, "finish_reason": "length", "delta": {"content": "สรุป"}}]}, None]
+    with pytest.raises(UpstreamTooLargeError):
+        _events(answer, "application/json", limit=len(answer) - 1)
+
+
+def test_usage_and_finish_reasons_the_upstream_cannot_have_meant_are_not_relayed():
+    from api.engine.upstream_engine import UpstreamStream
+
+    engine = UpstreamEngine(ModelSettings(engine="openai", upstream_urls=["http://u:1"]))
+    engine.count_tokens = lambda text: len(text)  # no tokenizer loaded here
+    stream = UpstreamStream(engine, GenerationRequest(
+        prompt_ids=[1, 2], params=SamplingParams(max_tokens=4), messages=[{"role": "user", "content": "x"}]))
+
+    async def relayed():
+        yield {"choices": [{"index": 0, "delta": {"content": "กข"}, "finish_reason": "x" * 100}]}
+        yield {"choices": [], "usage": {"prompt_tokens": -5, "completion_tokens": 10**15}}
+        yield None
+
+    async def read():
+        stream._events = relayed()
+        return [await stream._next_chunk() for _ in range(2)]
+
+    text, last = asyncio.run(read())
+    assert text.text == "กข" and last.finish_reason == "stop"
+    assert (last.prompt_tokens, last.completion_tokens) == (2, 2)
