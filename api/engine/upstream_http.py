@@ -30,7 +30,8 @@ PASSED_STATUSES = frozenset({400, 408, 409, 413, 429, 503})  # others < 500: 400
 
 # Terminal escape sequences: CSI (``ESC [ ... m``), OSC (``ESC ] ... BEL``) and the
 # two-character ones. What is left of them after this is removed as non-printable.
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]"
+                      r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?")
 _NAME = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,64}")
 
 
