@@ -148,6 +148,7 @@ MAX_TOP_LOGPROBS = 20     # OpenAI's bound for top_logprobs (vLLM's default max_
 MAX_LOGIT_BIAS = 1024     # entries of logit_bias
 MAX_STOP_TOKEN_IDS = 64
 MAX_PRIORITY = 100        # |priority|: orders a caller's own requests (vLLM's field)
+MAX_TOP_K = 1 << 20       # above any vocabulary: a larger top_k would mean the same as -1
 
 
 def _check_stop(value: str | list[str] | None) -> list[str] | None:
@@ -227,8 +228,8 @@ class SamplingFields(BaseModel):
                              "end-user id for abuse monitoring; nothing here uses it).")
     response_format: ResponseFormat | None = None
     # vLLM extensions.
-    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; "
-                              "0 or -1: all (vLLM).")
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K, description="Sample from the k most "
+                              "likely tokens; 0 or -1: all (vLLM).")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens less likely than "
                                 "min_p times the most likely one (vLLM).")
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="Divide the "
@@ -276,24 +277,30 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"logit_bias values are -100 to 100, not {bias}")
         return value
 
-    # The fields an upstream engine receives as the client sent them (it honours them
-    # itself); the sampling core (max_tokens, temperature, top_p, stop, seed, min_tokens,
-    # ignore_eos) goes through SamplingParams.
-    PASSED_ON: ClassVar[tuple[str, ...]] = ("frequency_penalty", "presence_penalty", "logit_bias", "response_format",
-                 "top_k", "min_p", "repetition_penalty", "stop_token_ids",
-                 "include_stop_str_in_output", "guided_json", "guided_regex", "guided_choice",
-                 "guided_grammar", "structured_outputs", "no_repeat_ngram_size")
+    # What either engine accepts is this schema (and its subclasses'): a field it does not
+    # declare is a 400 naming it (ServingBase.check_openai_fields), with the local engine and
+    # with an upstream one alike, so a vLLM behind THAI_ENGINE=openai never sees best_of,
+    # prompt_logprobs, chat_template, logits_processors or lora_request from a client
+    # (priority is declared: it orders a tenant's own requests in the local engine, and is a
+    # 400 with an upstream one, where it would reorder everyone's). Of the declared fields, these are the ones an upstream engine receives as the
+    # client sent them (the local engine honours each through SamplingParams; each is bounded
+    # above); the sampling core (max_tokens, temperature, top_p, stop, seed, min_tokens,
+    # ignore_eos) goes through SamplingParams to either engine.
+    PASSED_ON: ClassVar[tuple[str, ...]] = (
+        "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "top_k",
+        "min_p", "repetition_penalty", "stop_token_ids", "include_stop_str_in_output",
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+        "no_repeat_ngram_size")
 
     def passthrough_fields(self) -> dict[str, object]:
-        """What an upstream engine sends on besides our sampling: every field above that the
-        client set, and unknown ones (an upstream may know them)."""
-        fields = dict(self.model_extra or {})
-        for name in self.PASSED_ON:
-            if name in self.model_fields_set:
-                fields[name] = self.model_dump(by_alias=True, include={name})[name]
-        return fields
+        """What an upstream engine sends on besides our sampling: the fields of
+        :attr:`PASSED_ON` that the client set, as validated here. Never an undeclared field:
+        those are refused before a request reaches either engine."""
+        return {name: self.model_dump(by_alias=True, include={name})[name]
+                for name in self.PASSED_ON if name in self.model_fields_set}
 
     def unknown_fields(self) -> list[str]:
+        """The fields the client sent that this schema does not declare (each one a 400)."""
         return list((self.model_extra or {}).keys())
 
 
@@ -468,8 +475,7 @@ class CompletionRequest(SamplingFields):
     """OpenAI's legacy completion request as vLLM serves it, one prompt per request.
 
     ``prompt`` is a text or a list of token ids (or a list holding exactly one of those).
-    Unknown fields are refused by the serving layer (a 400 naming them) unless the engine
-    is an upstream one, which passes them on.
+    Unknown fields are refused by the serving layer (a 400 naming them), whichever the engine.
     """
 
     prompt: str | list[int] | list[str] | list[list[int]] = Field(

@@ -194,6 +194,17 @@ class ModelSettings(BaseSettings):
     upstream_connect_timeout_s: float = Field(
         5.0, gt=0, le=300, description="Seconds to wait for a connection to an upstream.",
     )
+    upstream_max_response_bytes: int = Field(
+        16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024,
+        description="Most bytes read of one upstream answer (a generation's whole event stream, "
+        "a non-streamed JSON answer, its model list); more ends the request with HTTP 502 "
+        "upstream_response_too_large. The default holds a 32,768-token stream several times.",
+    )
+    upstream_max_error_bytes: int = Field(
+        64 * 1024, ge=1024, le=16 * 1024 * 1024,
+        description="Most bytes read of an upstream's error answer or health-probe answer; the "
+        "rest is not read (the connection is closed).",
+    )
 
     @field_validator("upstream_urls", mode="before")
     @classmethod

@@ -289,7 +289,7 @@ def test_transformers_serve_as_an_upstream(model_env, tmp_path_factory):
                 model="thai-qwen-lora", messages=MESSAGES, max_tokens=8, temperature=0, stream=True))
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
                 direct.choices[0].message.content
-            # a field transformers serve refuses comes back as a 400 with its reason
+            # a field no schema here declares is refused here, before any upstream sees it
             refused = httpx.post(front.url + "/v1/chat/completions", timeout=30, json={
                 "messages": MESSAGES, "max_tokens": 4, "not_a_field": 1})
             assert refused.status_code == 400 and "not_a_field" in refused.json()["error"]["message"]

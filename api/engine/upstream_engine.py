@@ -17,9 +17,14 @@ Kept deliberately small, in the manner of a reverse proxy rather than a schedule
   the first token's delay). Once text has been streamed a failure ends the stream
   with an error (an OpenAI error event on the wire), never a silent truncation.
   429 and 503 from the upstream reach the client with their ``Retry-After``.
-- **Dialect**: the normalized chat plus every field we do not act on ourselves is
-  sent as is, so vLLM's extensions keep working; we always ask for a stream with
-  usage, and relay each delta as it arrives. Usage is the upstream's own count.
+- **Dialect**: the normalized chat plus the declared, bounded vLLM fields the client
+  set (``SamplingFields.PASSED_ON``; any other field was a 400 already); we always ask
+  for a stream with usage, and relay each delta as it arrives. Usage is the upstream's
+  own count.
+- **Bounds** (an upstream is trusted to generate, not to behave; see ``upstream_http``):
+  bodies are read up to a byte bound, the relayed text up to what ``max_tokens`` can
+  produce, the whole generation within ``THAI_REQUEST_TIMEOUT_S`` (keep-alive comments
+  do not extend it), and an upstream's error text is cleaned and cut before it is shown.
   A plain prompt (``/v1/completions``) goes to the upstream's ``/v1/completions`` as
   its token ids, which vLLM and this app accept.
 """
@@ -43,28 +48,23 @@ from api.engine.base import (
     Engine,
     EngineInfo,
     EngineState,
-    GenerationStream,
     chat_prompt_ids,
     chat_template_ids,
     check_context,
     token_bytes,
     tokenizer_vocab_size,
 )
-from api.engine.errors import (
-    ModelLoadError,
-    ModelNotReadyError,
-    NoHealthyUpstreamError,
-    UpstreamError,
-    UpstreamStatusError,
-)
+from api.engine.errors import ModelLoadError, ModelNotReadyError, NoHealthyUpstreamError
 from api.engine.metrics import EngineMetrics
-from api.engine.types import GenerationChunk, GenerationRequest
+from api.engine.types import GenerationRequest
+from api.engine.upstream_http import describe as _describe
+from api.engine.upstream_http import read_capped
+from api.engine.upstream_stream import UpstreamStream
 from api.settings import ModelSettings
 
 log = logging.getLogger("thai.upstream")
-RETRIED_STATUSES = frozenset({500, 502, 503, 504})
-PASSED_STATUSES = frozenset({400, 408, 409, 413, 429, 503})  # others < 500: 400
 TOKENIZER_FILES = ("tokenizer_config.json",)
+MIN_TOKEN_CHARS = 16  # the text one token may decode to, at the least (see longest_token_chars)
 
 
 @dataclass
@@ -175,6 +175,16 @@ def _context_from_config(source: str, base_model: str) -> int | None:
     return None
 
 
+def longest_token_chars(tokenizer) -> int:
+    """The longest token of the vocabulary, in characters of its stored form (for byte-level
+    BPE, one character per byte): no token decodes to more characters than that, so
+    ``max_tokens`` of them bound what an upstream may send for a request."""
+    try:
+        return max(MIN_TOKEN_CHARS, max(map(len, tokenizer.get_vocab()), default=0))
+    except (AttributeError, NotImplementedError, TypeError):
+        return 64
+
+
 class UpstreamEngine(Engine):
     def __init__(self, settings: ModelSettings):
         self.settings = settings
@@ -191,6 +201,7 @@ class UpstreamEngine(Engine):
         self.tokenizer = None
         self.client: httpx.AsyncClient | None = None
         self._window_from_config: int | None = None
+        self.token_chars = 64  # longest_token_chars of the tokenizer, once it is loaded
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -198,7 +209,8 @@ class UpstreamEngine(Engine):
         return self.settings.upstream_model or self.settings.served_model_name
 
     def headers(self, request_id: str | None = None) -> dict[str, str]:
-        headers = {"Accept": "text/event-stream, application/json"}
+        # identity: a compressed body could expand past every bound on what is read
+        headers = {"Accept": "text/event-stream, application/json", "Accept-Encoding": "identity"}
         if self.settings.upstream_api_key:
             headers["Authorization"] = f"Bearer {self.settings.upstream_api_key}"
         if request_id:
@@ -241,6 +253,7 @@ class UpstreamEngine(Engine):
         except OSError as exc:
             raise ModelLoadError(f"{exc} (set THAI_TOKENIZER to a folder with the model's "
                                  "tokenizer)") from exc
+        self.token_chars = longest_token_chars(tokenizer)
         return tokenizer, _context_from_config(source, self.settings.base_model)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -265,20 +278,31 @@ class UpstreamEngine(Engine):
         await asyncio.gather(*(self.check(u) for u in self.pool.upstreams))
 
     async def check(self, upstream: Upstream) -> None:
-        assert self.client is not None
         try:
-            response = await self.client.get(upstream.url + self.settings.upstream_health_path,
-                                             headers=self.headers(), timeout=self._probe_timeout())
-        except httpx.HTTPError as exc:
+            status, _ = await self._get(upstream.url + self.settings.upstream_health_path,
+                                        self.settings.upstream_max_error_bytes)
+        except (httpx.HTTPError, TimeoutError) as exc:
             self.pool.mark(upstream, False, _describe(exc))
             return
-        if response.status_code != 200:
-            self.pool.mark(upstream, False, f"health probe answered {response.status_code}")
+        if status != 200:
+            self.pool.mark(upstream, False, f"health probe answered {status}")
             return
         if upstream.max_model_len is None:
             upstream.max_model_len = await self._model_len(upstream) or 0
             self._refresh_window()
         self.pool.mark(upstream, True)
+
+    async def _get(self, url: str, limit: int) -> tuple[int, bytes | None]:
+        """GET ``url`` for a probe: its status, and its body when it fits ``limit`` bytes
+        (else None; the rest is never read). The whole exchange has one deadline, so an
+        upstream that trickles bytes cannot hold the probe loop."""
+        assert self.client is not None
+        connect = self.settings.upstream_connect_timeout_s
+        async with asyncio.timeout(connect + max(connect, 5.0)):
+            async with self.client.stream("GET", url, headers=self.headers(),
+                                          timeout=self._probe_timeout()) as response:
+                body, more = await read_capped(response, limit)
+                return response.status_code, None if more else body
 
     def _probe_timeout(self) -> httpx.Timeout:
         connect = self.settings.upstream_connect_timeout_s
@@ -286,12 +310,13 @@ class UpstreamEngine(Engine):
 
     async def _model_len(self, upstream: Upstream) -> int | None:
         """vLLM reports ``max_model_len`` in its model list; others may not (then: config)."""
-        assert self.client is not None
         try:
-            response = await self.client.get(upstream.url + "/v1/models", headers=self.headers(),
-                                             timeout=self._probe_timeout())
-            cards = response.json().get("data", []) if response.status_code == 200 else []
-        except (httpx.HTTPError, ValueError, AttributeError):
+            status, body = await self._get(upstream.url + "/v1/models",
+                                           self.settings.upstream_max_response_bytes)
+            cards = json.loads(body).get("data", []) if status == 200 and body else []
+        except (httpx.HTTPError, TimeoutError, ValueError, AttributeError):
+            return None
+        if not isinstance(cards, list):
             return None
         for card in cards:
             if isinstance(card, dict) and card.get("id") == self.upstream_model:
@@ -358,7 +383,7 @@ class UpstreamEngine(Engine):
         return tokenizer_vocab_size(self._require_tokenizer())
 
     # ----------------------------------------------------------- generation
-    def generate(self, request: GenerationRequest) -> "UpstreamStream":
+    def generate(self, request: GenerationRequest) -> UpstreamStream:
         self._require_tokenizer()
         check_context(self.info.max_context, len(request.prompt_ids), request.params.max_tokens)
         if not self.pool.healthy():
@@ -369,7 +394,8 @@ class UpstreamEngine(Engine):
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
         """The upstream's request: our normalized chat (or, for a plain prompt, its token ids
-        for the upstream's ``/v1/completions``), our sampling, the client's extras."""
+        for the upstream's ``/v1/completions``), our sampling, and the declared vLLM fields
+        the client set (``request.passthrough``: ``SamplingFields.PASSED_ON``, validated)."""
         if request.plain_prompt:
             prompt: dict[str, Any] = {"prompt": list(request.prompt_ids)}
         elif request.messages is None:  # a chat prompt is sent as its chat
@@ -392,260 +418,3 @@ class UpstreamEngine(Engine):
         if p.no_repeat_ngram_size:  # our sampler's (summaries, the UI): replicas of this app
             body["no_repeat_ngram_size"] = p.no_repeat_ngram_size  # honour it, vLLM ignores it
         return body
-
-
-class UpstreamStream(GenerationStream):
-    """One generation relayed from an upstream's SSE stream, retried once before any text."""
-
-    def __init__(self, engine: UpstreamEngine, request: GenerationRequest):
-        self.engine, self.request = engine, request
-        self.body = engine.body(request)
-        self.path = "/v1/completions" if request.plain_prompt else "/v1/chat/completions"
-        self.upstream: Upstream | None = None
-        self.tried: list[Upstream] = []
-        self._response: httpx.Response | None = None
-        self._lines = None
-        self._opened_at = 0.0
-        self._arrived = time.monotonic()
-        self._first_text_at: float | None = None
-        self._text: list[str] = []
-        self._chunks = 0
-        self._finish_reason: str | None = None
-        self._usage: dict[str, Any] | None = None
-        self._done = False
-
-    # -------------------------------------------------------------- opening
-    async def wait_open(self) -> None:
-        if self._response is None and not self._done:
-            await self._open()
-
-    async def _open(self) -> None:
-        """Connect to the least busy upstream; on a connection failure or a 5xx, once more to
-        another. Other errors pass through with the upstream's status and message."""
-        engine, metrics = self.engine, self.engine.upstream_metrics
-        last: Exception | None = None
-        for attempt in range(2):
-            upstream = engine.pool.pick(exclude=self.tried[-1] if self.tried else None)
-            if upstream is None:
-                break
-            self.tried.append(upstream)
-            engine.pool.acquire(upstream)
-            self.upstream, self._opened_at = upstream, time.monotonic()
-            labels = metrics.labels(upstream)
-            try:
-                assert engine.client is not None
-                request = engine.client.build_request(
-                    "POST", upstream.url + self.path, json=self.body,
-                    headers=engine.headers(self.request.request_id))
-                response = await engine.client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                self._release()
-                metrics.errors.labels(*labels, "connect").inc()
-                metrics.requests.labels(*labels, "retried" if attempt == 0 else "error").inc()
-                if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-                    engine.pool.mark(upstream, False, _describe(exc))
-                last = UpstreamError(f"The model server could not be reached ({_describe(exc)}).")
-                continue
-            except BaseException:
-                self._release()
-                raise
-            if response.status_code == 200:
-                self._response, self._lines = response, response.aiter_lines()
-                return
-            error = await _status_error(response)
-            await response.aclose()
-            self._release()
-            metrics.errors.labels(*labels, "status").inc()
-            if response.status_code in RETRIED_STATUSES and attempt == 0:
-                metrics.requests.labels(*labels, "retried").inc()
-                last = error
-                continue
-            metrics.requests.labels(*labels, "error").inc()
-            raise error
-        if last is not None:
-            raise last
-        raise NoHealthyUpstreamError(
-            f"No upstream server is available (0 of {len(engine.pool.upstreams)} healthy); "
-            "retry in a few seconds.")
-
-    def _release(self) -> None:
-        if self.upstream is not None:
-            self.engine.pool.release(self.upstream)
-            self.engine.upstream_metrics.latency.labels(
-                *self.engine.upstream_metrics.labels(self.upstream)).observe(
-                time.monotonic() - self._opened_at)
-            self.upstream = None
-
-    # ------------------------------------------------------------ iterating
-    async def __anext__(self) -> GenerationChunk:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            while True:
-                if self._response is None:
-                    await self._open()
-                try:
-                    chunk = await self._next_chunk()
-                except (httpx.HTTPError, UpstreamError) as exc:
-                    if self._text or len(self.tried) >= 2 or not self._can_retry():
-                        raise self._broken(exc) from exc
-                    self._count_failure(exc, "retried")
-                    await self._drop_response()
-                    continue
-                if chunk is not None:
-                    return chunk
-        except BaseException:
-            await self.aclose()
-            raise
-
-    def _can_retry(self) -> bool:
-        return self.engine.pool.pick(exclude=self.tried[-1]) is not None
-
-    async def _next_chunk(self) -> GenerationChunk | None:
-        """Read SSE lines until there is something to hand on (text or the end)."""
-        assert self._lines is not None
-        async for line in self._lines:
-            if not line.startswith("data:"):
-                continue  # blank separators, comments (keep-alives), event names
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return self._finish()
-            try:
-                event = json.loads(data)
-            except ValueError:
-                raise UpstreamError("The model server sent a malformed event.") from None
-            if not isinstance(event, dict):
-                continue
-            if isinstance(event.get("error"), dict):
-                raise _event_error(event["error"])
-            if isinstance(event.get("usage"), dict):
-                self._usage = event["usage"]
-            text = ""
-            for choice in event.get("choices") or []:
-                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                    continue
-                # a text completion's choice carries ``text``; a chat chunk's, ``delta.content``
-                plain = self.request.plain_prompt
-                delta, key = (choice, "text") if plain else (choice.get("delta"), "content")
-                if isinstance(delta, dict) and isinstance(delta.get(key), str):
-                    text += delta[key]
-                if choice.get("finish_reason"):
-                    self._finish_reason = choice["finish_reason"]
-            if text:
-                return self._text_chunk(text)
-        if self._finish_reason is None:  # the connection ended without [DONE] or a finish
-            raise UpstreamError("The model server closed the stream before the generation finished.")
-        return self._finish()
-
-    def _text_chunk(self, text: str) -> GenerationChunk:
-        now = time.monotonic()
-        if self._first_text_at is None:
-            self._first_text_at = now
-            self.engine.metrics.ttft.observe(now - self._arrived)
-        self._text.append(text)
-        self._chunks += 1
-        return GenerationChunk(text, len(self.request.prompt_ids), self._chunks)
-
-    def _finish(self) -> GenerationChunk:
-        usage = self._usage or {}
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
-        if not isinstance(prompt, int):  # servers that send no usage: count it ourselves
-            prompt = len(self.request.prompt_ids)
-        if not isinstance(completion, int):
-            completion = self.engine.count_tokens("".join(self._text))
-        reason = self._finish_reason or "stop"
-        metrics, upstream = self.engine.metrics, self.upstream
-        metrics.prompt_tokens.inc(prompt)
-        metrics.generation_tokens.inc(completion)
-        metrics.e2e.observe(time.monotonic() - self._arrived)
-        metrics.finished(reason)
-        if upstream is not None:
-            self.engine.upstream_metrics.requests.labels(
-                *self.engine.upstream_metrics.labels(upstream), "ok").inc()
-        self._done = True
-        return GenerationChunk("", prompt, completion, finished=True, finish_reason=reason)
-
-    def _count_failure(self, exc: BaseException, outcome: str) -> None:
-        if self.upstream is None:
-            return
-        labels = self.engine.upstream_metrics.labels(self.upstream)
-        kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "stream"
-        self.engine.upstream_metrics.errors.labels(*labels, kind).inc()
-        self.engine.upstream_metrics.requests.labels(*labels, outcome).inc()
-        if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError)):
-            self.engine.pool.mark(self.upstream, False, _describe(exc))
-
-    def _broken(self, exc: BaseException) -> BaseException:
-        self._count_failure(exc, "error")
-        if isinstance(exc, UpstreamError):
-            return exc
-        where = "after part of the answer was sent" if self._text else "before answering"
-        return UpstreamError(f"The model server failed {where} ({_describe(exc)}).")
-
-    async def _drop_response(self) -> None:
-        response, self._response, self._lines = self._response, None, None
-        if response is not None:
-            await response.aclose()
-        self._release()
-
-    async def aclose(self) -> None:
-        if self._response is not None and not self._done and self.upstream is not None:
-            self.engine.upstream_metrics.requests.labels(
-                *self.engine.upstream_metrics.labels(self.upstream), "cancelled").inc()
-        self._done = True
-        await self._drop_response()
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, URL-free description of a transport failure (shown to clients and in /health)."""
-    names = {httpx.ConnectError: "connection refused or unreachable",
-             httpx.ConnectTimeout: "connection timed out", httpx.ReadTimeout: "read timed out",
-             httpx.RemoteProtocolError: "connection closed", httpx.ReadError: "connection lost",
-             httpx.PoolTimeout: "no free connection"}
-    for cls, text in names.items():
-        if isinstance(exc, cls):
-            return text
-    return type(exc).__name__
-
-
-def _field(mapping: object, key: str, kinds: type | tuple[type, ...] = str):
-    """``mapping[key]`` when ``mapping`` is a dict and the value has one of ``kinds``, else
-    None: upstream error bodies come in several shapes, and none is trusted."""
-    value = mapping.get(key) if isinstance(mapping, dict) else None
-    return value if isinstance(value, kinds) else None
-
-
-async def _status_error(response: httpx.Response) -> UpstreamStatusError:
-    """The upstream's non-200 answer as an error with the status the client should get."""
-    try:
-        raw = await response.aread()
-        payload = json.loads(raw[:65536]) if raw else {}
-    except (httpx.HTTPError, ValueError):
-        payload = {}
-    detail = _field(payload, "error", dict)
-    if detail is None:  # vLLM 0.x errors: {"message": ..., "type": ..., "code": ...}
-        detail = payload if _field(payload, "message") is not None else {}
-    status = response.status_code
-    retry_after = response.headers.get("retry-after")
-    if status in (401, 403):  # our key, not the client's: a gateway problem
-        return UpstreamStatusError(502, "The model server refused this gateway's credentials "
-                                   "(THAI_UPSTREAM_API_KEY).", "upstream_error", "upstream_auth_failed")
-    if status == 404:  # the client's model name was checked here: ours is misconfigured
-        return UpstreamStatusError(502, "The model server does not serve the configured model "
-                                   f"(THAI_UPSTREAM_MODEL): {_field(detail, 'message') or ''}".rstrip(": "),
-                                   "upstream_error", "upstream_model_not_found")
-    if status not in PASSED_STATUSES and status < 500:
-        status = 400
-    if status >= 500 and status != 503:
-        status = 502
-    # FastAPI's HTTPException body (transformers serve) is {"detail": "..."}
-    message = _field(detail, "message") or _field(payload, "detail")
-    return UpstreamStatusError(
-        status, message or f"The model server answered HTTP {response.status_code}.",
-        _field(detail, "type"), _field(detail, "code", (str, int)), param=_field(detail, "param"),
-        retry_after=retry_after if retry_after and retry_after.isdigit() else None)
-
-
-def _event_error(detail: dict) -> UpstreamError:
-    return UpstreamError(_field(detail, "message") or "The model server reported an error mid-stream.")

@@ -221,12 +221,14 @@ class ServingBase:
 
     def check_openai_fields(self, request: SamplingFields, route: str,
                             relayed_only: dict[str, bool]) -> None:
-        """A field this server would not act on is a 400 naming it. An upstream engine passes
-        unknown fields on, but its relay carries only text back: what needs more
-        (``relayed_only``: name -> whether the request uses it) is refused there."""
-        upstream = self.engine.info.engine == "openai"
+        """A field the request's schema does not declare is a 400 naming it, whichever the
+        engine: the schema is the one list of what is accepted, and an upstream engine
+        forwards only the declared fields of ``SamplingFields.PASSED_ON`` (so the upstream's
+        own extensions, e.g. vLLM's best_of, priority or chat_template, cannot bypass this
+        server's limits). An upstream engine's relay carries only text back: what needs more
+        (``relayed_only``: name -> whether the request uses it) is refused there too."""
         unknown = sorted(clip(name, 64) for name in request.unknown_fields())
-        if unknown and not upstream:
+        if unknown:
             more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
             # names chosen by the client: a few, each clipped (the log filter escapes them)
             log.info("refused unsupported field(s) for %s: %s%s", route, ", ".join(unknown[:8]), more)
@@ -234,7 +236,7 @@ class ServingBase:
                 f"unsupported field(s) for {route}: {', '.join(unknown[:8])}{more}; see the "
                 "README's list of supported fields", param=unknown[0], code="unsupported_field")
         used = [name for name, is_used in relayed_only.items() if is_used]
-        if upstream and used:
+        if self.engine.info.engine == "openai" and used:
             raise InvalidRequestError(f"{used[0]} is not available with THAI_ENGINE=openai: only "
                                       "text is relayed from the upstream servers", param=used[0],
                                       code="unsupported_field")

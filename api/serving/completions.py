@@ -23,8 +23,8 @@ class CompletionServing(ServingBase):
     """``POST /v1/completions``."""
 
     def check_completion_fields(self, request: CompletionRequest) -> None:
-        """A 400 for what cannot be honoured: ``suffix``; unknown fields (an upstream engine
-        passes them on); with an upstream engine, what its text-only relay cannot carry."""
+        """A 400 for what cannot be honoured: ``suffix``; unknown fields; with an upstream
+        engine, what its text-only relay cannot carry."""
         if request.suffix is not None:
             raise InvalidRequestError("suffix is not supported by this server", param="suffix",
                                       code="unsupported_field")
