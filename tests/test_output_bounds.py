@@ -134,3 +134,5 @@ def test_live_server_bounds_one_requests_output(live_server):
     assert all(len(c["logprobs"]["content"]) <= 195 for c in choices)
     assert r.json()["usage"]["completion_tokens"] <= 16 * 195
     assert len(r.content) < 16 * 195 * 21 * 200  # about 200 bytes per entry at most
+    print(f"\nn=16, top_logprobs=20, no max_tokens: {r.json()['usage']['completion_tokens']} "
+          f"tokens, {len(r.content) / 1e6:.2f} MB")

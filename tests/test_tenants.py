@@ -206,3 +206,34 @@ def test_ui_requests_name_the_visitor_address_not_the_session():
                      "state": {"client_id": "key-12345678"}})
     assert tenant_of(gr.Request(keyed)) == key_tenant("key-12345678")
     assert tenant_of(None) == ui_tenant("unknown")
+
+
+def test_ui_handlers_name_the_visitor_and_the_batch_tab():
+    import gradio as gr
+    from starlette.requests import Request
+
+    from api.serving import Serving
+    from api.settings import ModelSettings
+    from tests.fakes import FakeEngine
+    from thai_ui.handlers import UI_BATCH_TENANT, UIHandlers
+
+    engine = FakeEngine()
+    asyncio.run(engine.start())
+    handlers = UIHandlers(Serving(engine, ModelSettings()))
+    visitor = gr.Request(Request({"type": "http", "client": ("198.51.100.9", 1), "headers": []}),
+                         session_hash="anything")
+
+    async def use_the_tabs() -> None:
+        async for _ in handlers.summarize("ข่าววันนี้ฝนตกหนัก", 8, 0.0, visitor):
+            pass
+        async for _ in handlers.chat("สวัสดี", [], "", 8, 0.0, visitor):
+            pass
+
+    try:
+        asyncio.run(use_the_tabs())
+        assert [r.tenant for r in engine.requests] == [ui_tenant("198.51.100.9")] * 2
+        assert handlers.batch_serving.default_tenant == UI_BATCH_TENANT
+        assert is_ui_tenant(UI_BATCH_TENANT), "the batch tab's rows count in the UI's share"
+        assert handlers.serving.default_tenant == "local"
+    finally:
+        handlers.close()

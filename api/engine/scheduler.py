@@ -47,8 +47,8 @@ from api.engine.errors import (
 )
 from api.engine.loader import ModelBundle
 from api.engine.metrics import EngineMetrics
-from api.engine.tenants import TenantQueue, ui_row_cap
 from api.engine.sampler import NGramBlocker, RowRule, sample_batch
+from api.engine.tenants import TenantQueue, ui_row_cap
 from api.engine.types import GenerationChunk, GenerationRequest, TokenLogprob
 
 log = logging.getLogger("thai.engine.scheduler")
