@@ -7,11 +7,14 @@ returns the text with its page count. Anything it cannot read raises a
 :class:`~api.documents.errors.DocumentError` subclass whose message says why, in words for
 the person who uploaded the file: never a crash, never a hang. Hostile files are expected:
 zip bombs (a .docx's parts are sized from the zip's directory before anything is
-decompressed, and zipfile never inflates past those sizes), PDFs claiming millions of pages
-(refused from the page tree's count, before the tree is walked), deeply nested HTML (the
-parser keeps counters, not a tree), NUL bytes, truncated and malformed files. PDF parsing
-relies on pypdf's own resource limits (decompression, arrays, page tree depth) and a time
-budget checked between pages.
+decompressed, and zipfile never inflates past those sizes), .docx parts of millions of tiny
+paragraphs (elements counted in the bytes before a tree is built), PDFs claiming millions of
+pages (refused from the page tree's count, before the tree is walked), deeply nested HTML
+(the parser keeps counters, not a tree), NUL bytes, truncated and malformed files. PDF
+parsing relies on pypdf's own resource limits (decompression, arrays, page tree depth, form
+XObjects drawn per page, lowered here) and a budget of time and operators checked before
+each operator, inside a page. Callers run this in a sandboxed process
+(:mod:`api.documents.pool`), whose memory and CPU limits are the last line.
 
 PDF text comes from pypdf (it kept Thai in logical order where pdfplumber reorders marks
 and splits words: ``bench/pdf_recovery.py`` measures both). Before extraction, glyphs that a
@@ -31,6 +34,7 @@ import re
 import time
 import unicodedata
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,8 +69,15 @@ DOCX_MAX_UNCOMPRESSED = 256 * 1024 * 1024  # all parts together
 DOCX_MAX_PART = 64 * 1024 * 1024  # one part (word/document.xml included)
 DOCX_MAX_RATIO = 200  # uncompressed / compressed, for parts over 1 MiB
 DOCX_MAX_TABLE_DEPTH = 8
+# Counted in the XML parts' bytes before lxml and python-docx build a tree of them (a node
+# costs a few hundred bytes there: 60 MiB of tiny paragraphs would be ~3 M nodes, >1 GB).
+# A 300-page report has some 10^4 paragraphs and 10^5 elements.
+DOCX_MAX_BLOCKS = 300_000  # paragraphs, runs and table cells (<w:p>, <w:r>, <w:tc>)
+DOCX_MAX_ELEMENTS = 2_000_000  # elements of every XML part together
 
-PDF_TIME_BUDGET_S = 120.0  # reading all pages; checked between pages
+PDF_TIME_BUDGET_S = 120.0  # reading all pages; checked between pages and inside a page
+PDF_MAX_OPERATORS_PER_PAGE = 1_000_000  # content-stream operators run for one page, forms included
+PDF_MAX_XFORM_INVOCATIONS = 500  # form XObjects drawn while reading one page (pypdf's is 5,000)
 PDF_SCANNED_CHARS_PER_PAGE = 16  # fewer visible characters per page than this, with images: scanned
 PDF_MAX_PLACEHOLDERS = 40000
 PDF_MAX_CMAP_CODES = 2_000_000  # code points read from embedded fonts' cmaps, all fonts together
@@ -354,6 +365,50 @@ def _check_docx_archive(archive: zipfile.ZipFile) -> None:
                                       f"{DOCX_MAX_UNCOMPRESSED} bytes read from one document.")
 
 
+# An element's start tag with any namespace prefix: "<w:p>", "<w:p ...", "<w:p/>"; and any
+# start tag at all (not "</", "<!", "<?").
+_DOCX_BLOCK_TAG = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?(?:p|r|tc)[\s/>]")
+_XML_START_TAG = re.compile(rb"<[A-Za-z_]")
+_SCAN_CHUNK = 1024 * 1024
+
+
+def _count_docx_elements(archive: zipfile.ZipFile) -> None:
+    """Refuse a document whose XML parts hold more paragraphs, runs and cells than
+    :data:`DOCX_MAX_BLOCKS`, or more elements than :data:`DOCX_MAX_ELEMENTS`, counted in the
+    parts' bytes as they are inflated (a regex over 1 MiB pieces, nothing kept), before any
+    XML parser builds a tree. Tags that are not elements (in comments, CDATA) only count
+    more, never less."""
+    blocks = elements = 0
+    for info in archive.infolist():
+        if not info.filename.lower().endswith((".xml", ".rels")):
+            continue
+        tail = b""
+        with archive.open(info) as part:
+            while True:
+                chunk = part.read(_SCAN_CHUNK)
+                if not chunk:
+                    break
+                data = tail + chunk
+                last = data.rfind(b"<", max(0, len(data) - 64))  # a tag split between
+                cut = last if last >= 0 else len(data)  # pieces is counted in the next one
+                blocks += len(_DOCX_BLOCK_TAG.findall(data, 0, cut))
+                elements += len(_XML_START_TAG.findall(data, 0, cut))
+                tail = data[cut:]
+                if blocks > DOCX_MAX_BLOCKS or elements > DOCX_MAX_ELEMENTS:
+                    what = (f"more than {DOCX_MAX_BLOCKS:,} paragraphs, runs and table cells"
+                            if blocks > DOCX_MAX_BLOCKS else
+                            f"more than {DOCX_MAX_ELEMENTS:,} XML elements")
+                    raise DocumentTooComplexError(
+                        f"The Word document has {what} (counted up to "
+                        f"{info.filename[:64]!r}); this server reads at most that many.")
+        blocks += len(_DOCX_BLOCK_TAG.findall(tail + b" "))
+        elements += len(_XML_START_TAG.findall(tail))
+    if blocks > DOCX_MAX_BLOCKS or elements > DOCX_MAX_ELEMENTS:
+        raise DocumentTooComplexError(
+            f"The Word document has more than {DOCX_MAX_BLOCKS:,} paragraphs, runs and table "
+            f"cells or {DOCX_MAX_ELEMENTS:,} XML elements; this server reads at most that many.")
+
+
 def _docx_pages(archive: zipfile.ZipFile) -> int | None:
     """<Pages> of docProps/app.xml: the count Word saved with the document (None if absent)."""
     try:
@@ -412,6 +467,10 @@ def _docx_text(data: bytes, max_pages: int) -> tuple[str, int | None]:
         raise MalformedDocumentError(f"The Word document is damaged: {str(exc)[:200]}.") from None
     with archive:
         _check_docx_archive(archive)
+        try:
+            _count_docx_elements(archive)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+            raise MalformedDocumentError(f"The Word document is damaged: {str(exc)[:200]}.") from None
         pages = _docx_pages(archive)
     if pages is not None and pages > max_pages:
         raise TooManyPagesError(pages, max_pages, kind="Word document")
@@ -548,6 +607,7 @@ class _GlyphPlaceholders:
         self.fonts: dict[str, list[tuple[dict[bytes, bytes], dict[bytes, str]]]] = {}
         self.font_programs: dict[int, dict[int, str]] = {}  # id of a FontFile2 -> its cmap
         self.cmap_budget = [PDF_MAX_CMAP_CODES]
+        self.visited: set[int] = set()  # form XObjects whose resources were patched
 
     def patch_page(self, page) -> None:
         try:
@@ -567,7 +627,9 @@ class _GlyphPlaceholders:
         if xobjects is not None:
             for xobject in xobjects.get_object().values():
                 xobject = xobject.get_object()
-                if xobject.get("/Subtype") == "/Form":
+                # each form once: forms that draw each other many times fan out
+                if xobject.get("/Subtype") == "/Form" and id(xobject) not in self.visited:
+                    self.visited.add(id(xobject))
                     self._patch_resources(xobject.get("/Resources"), depth + 1)
 
     def _family(self, name: str, mapped: dict[bytes, bytes]) -> dict[bytes, str]:
@@ -626,7 +688,34 @@ class _GlyphPlaceholders:
 PARAGRAPH_GAP = 1.35  # a gap between lines this many times the usual one ends a paragraph
 
 
-def _page_text(page) -> str:
+class _PageBudgetSpent(BaseException):
+    """Raised from inside pypdf's extraction when a page overruns its budget.
+
+    A ``BaseException``: pypdf catches ``Exception`` around each form XObject it draws (and
+    goes on with the next operator), so an ``Exception`` would only end the innermost form.
+    """
+
+
+class _PageBudget:
+    """Operators and time for one page, checked before each operator pypdf runs (forms
+    included): the budget holds inside a page, not only between pages."""
+
+    def __init__(self, deadline: float, number: int) -> None:
+        self.deadline, self.number, self.operators = deadline, number, 0
+        self.reason = ""
+
+    def __call__(self, operator, operands, cm, tm) -> None:
+        self.operators += 1
+        if self.operators > PDF_MAX_OPERATORS_PER_PAGE:
+            self.reason = (f"page {self.number} runs more than {PDF_MAX_OPERATORS_PER_PAGE:,} "
+                           "drawing operators")
+            raise _PageBudgetSpent()
+        if self.operators % 1024 == 0 and time.monotonic() > self.deadline:
+            self.reason = f"it took over the time budget (stopped inside page {self.number})"
+            raise _PageBudgetSpent()
+
+
+def _page_text(page, budget: _PageBudget | None = None) -> str:
     """The page's text (pypdf, content-stream order) with a blank line where the vertical
     gap between two lines is wider than the page's usual line spacing: a paragraph break,
     which plain extraction loses."""
@@ -640,7 +729,7 @@ def _page_text(page) -> str:
                 y = float("nan")
             pieces.append((text, y))
 
-    plain = page.extract_text(visitor_text=visit) or ""
+    plain = page.extract_text(visitor_text=visit, visitor_operand_before=budget) or ""
     if "".join(text for text, _ in pieces) != plain:
         return plain
     lines: list[tuple[str, float | None]] = []
@@ -684,7 +773,16 @@ def _has_images(page) -> bool:
         return False
 
 
-def _pdf_text(data: bytes, max_pages: int) -> tuple[str, int]:
+def _pdf_text(data: bytes, max_pages: int, time_budget_s: float = PDF_TIME_BUDGET_S) -> tuple[str, int]:
+    from pypdf._configuration import apply_configuration
+
+    # pypdf's own limit on form XObjects drawn per page, lowered: each one re-parses the
+    # form's content stream (pypdf's parsing budget bounds one stream)
+    with apply_configuration(xform_maximum_invocations_per_extraction=PDF_MAX_XFORM_INVOCATIONS):
+        return _read_pdf(data, max_pages, time_budget_s)
+
+
+def _read_pdf(data: bytes, max_pages: int, time_budget_s: float) -> tuple[str, int]:
     from pypdf import PdfReader
 
     try:
@@ -725,14 +823,18 @@ def _pdf_text(data: bytes, max_pages: int) -> tuple[str, int]:
     placeholders = _GlyphPlaceholders()
     texts: list[str] = []
     failures = 0
-    deadline = time.monotonic() + PDF_TIME_BUDGET_S
+    deadline = time.monotonic() + time_budget_s
     for number, page in enumerate(pages, start=1):
         if time.monotonic() > deadline:
-            raise DocumentTooComplexError(f"Reading the PDF took over {PDF_TIME_BUDGET_S:.0f} s "
+            raise DocumentTooComplexError(f"Reading the PDF took over {time_budget_s:.0f} s "
                                           f"(stopped at page {number} of {len(pages)}).")
         placeholders.patch_page(page)
+        budget = _PageBudget(deadline, number)
         try:
-            texts.append(_page_text(page))
+            texts.append(_page_text(page, budget))
+        except _PageBudgetSpent:
+            raise DocumentTooComplexError(f"The PDF is too costly to read: {budget.reason} "
+                                          f"({time_budget_s:.0f} s for the whole file).") from None
         except MemoryError:
             raise
         except Exception as exc:  # one damaged page: the others are still read
@@ -752,7 +854,8 @@ def _pdf_text(data: bytes, max_pages: int) -> tuple[str, int]:
 
 # ----------------------------------------------------------------------------- entry point
 
-def extract_document(data: bytes, filename: str, *, max_bytes: int, max_pages: int) -> ExtractedDocument:
+def extract_document(data: bytes, filename: str, *, max_bytes: int, max_pages: int,
+                     time_budget_s: float = PDF_TIME_BUDGET_S) -> ExtractedDocument:
     """The text of one uploaded document (see the module documentation).
 
     Raises :class:`~api.documents.errors.DocumentError` subclasses: too large (HTTP 413),
@@ -773,7 +876,7 @@ def extract_document(data: bytes, filename: str, *, max_bytes: int, max_pages: i
     elif kind == "docx":
         text, pages = _docx_text(data, max_pages)
     else:
-        text, pages = _pdf_text(data, max_pages)
+        text, pages = _pdf_text(data, max_pages, time_budget_s)
     text = normalize_text(text).replace("\r\n", "\n").replace("\r", "\n")
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     text = re.sub(r"\n{3,}", "\n\n", text).strip("\n")

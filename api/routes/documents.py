@@ -25,6 +25,7 @@ from api.protocol import SummarizeDocumentForm, SummarizeDocumentResponse
 from api.routes.deps import cancel_on_disconnect, event_stream_response, get_serving
 from api.routes.openai_chat import ERRORS
 from api.routes.summarize import SUMMARY_STREAM_DOC
+from api.security import client_identity
 from api.serving import Serving, SummaryOptions
 
 router = APIRouter()
@@ -65,11 +66,13 @@ async def summarize_document(request: Request, serving: Serving = Depends(get_se
     upload, data, options = await read_document_form(request)
     summary = SummaryOptions.of(options)
     filename = upload.filename or ""
+    client = client_identity(request.scope)  # parse jobs are bounded per client
     if options.stream:
         events = await cancel_on_disconnect(
-            request, serving.summarize_document_stream(data, filename, summary))
+            request, serving.summarize_document_stream(data, filename, summary, client=client))
         return event_stream_response(request, events)
-    return await cancel_on_disconnect(request, serving.summarize_document(data, filename, summary))
+    return await cancel_on_disconnect(request, serving.summarize_document(data, filename, summary,
+                                                                          client=client))
 
 
 async def read_document_form(request: Request) -> tuple[UploadFile, bytes, SummarizeDocumentForm]:
