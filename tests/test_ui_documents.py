@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
+from api.documents.pool import ParsePool
 from api.serving import Serving
 from api.settings import ModelSettings
 from tests.documents_support import docx_bytes, html_bytes, markdown_bytes
@@ -35,9 +36,17 @@ def store(tmp_path) -> UploadStore:
     return store
 
 
+@pytest.fixture(scope="module")
+def parse_pool():
+    """The app's sandboxed file readers, shared by this module's tests (spawning costs)."""
+    pool = ParsePool(workers=2, timeout_s=60)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def make(store):
-    """UIHandlers over a fake engine, closed (with their file process) after the test."""
+def make(store, parse_pool):
+    """UIHandlers over a fake engine and the module's parse pool, closed after the test."""
     made: list[UIHandlers] = []
 
     def build(*, chunk_tokens: int = 1024, document_max_bytes: int | None = None,
@@ -45,7 +54,7 @@ def make(store):
         engine = FakeEngine(**engine_kwargs)
         asyncio.run(engine.start())
         serving = Serving(engine, ModelSettings(max_new_tokens=50, summary_chunk_tokens=chunk_tokens),
-                          document_max_bytes=document_max_bytes)
+                          document_max_bytes=document_max_bytes, parse_pool=parse_pool)
         handlers = UIHandlers(serving, uploads=store, upload_max_bytes=upload_max_bytes)
         made.append(handlers)
         return handlers, engine
@@ -97,7 +106,8 @@ def scanned_pdf() -> bytes:
 
 
 def session(name: str) -> SimpleNamespace:
-    return SimpleNamespace(session_hash=name)
+    """A visitor's request: its session and (parse jobs are bounded per client) address."""
+    return SimpleNamespace(session_hash=name, client=SimpleNamespace(host=f"visitor-{name}"))
 
 
 async def collect(agen) -> list:

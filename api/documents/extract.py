@@ -11,9 +11,9 @@ decompressed, and zipfile never inflates past those sizes), .docx parts of milli
 paragraphs (elements counted in the bytes before a tree is built), PDFs claiming millions of
 pages (refused from the page tree's count, before the tree is walked), deeply nested HTML
 (the parser keeps counters, not a tree), NUL bytes, truncated and malformed files. PDF
-parsing relies on pypdf's own resource limits (decompression, arrays, page tree depth, form
-XObjects drawn per page, lowered here) and a budget of time and operators checked before
-each operator, inside a page. Callers run this in a sandboxed process
+parsing relies on pypdf's own resource limits (decompression, arrays, page tree depth, the
+parsing work of one content stream) and a budget of time, operators and XObjects drawn,
+checked before each operator, inside a page (forms drawing forms fan out). Callers run this in a sandboxed process
 (:mod:`api.documents.pool`), whose memory and CPU limits are the last line.
 
 PDF text comes from pypdf (it kept Thai in logical order where pdfplumber reorders marks
@@ -77,7 +77,7 @@ DOCX_MAX_ELEMENTS = 2_000_000  # elements of every XML part together
 
 PDF_TIME_BUDGET_S = 120.0  # reading all pages; checked between pages and inside a page
 PDF_MAX_OPERATORS_PER_PAGE = 1_000_000  # content-stream operators run for one page, forms included
-PDF_MAX_XFORM_INVOCATIONS = 500  # form XObjects drawn while reading one page (pypdf's is 5,000)
+PDF_MAX_XOBJECTS_PER_PAGE = 2_000  # XObjects drawn (Do) for one page, forms inside forms included
 PDF_SCANNED_CHARS_PER_PAGE = 16  # fewer visible characters per page than this, with images: scanned
 PDF_MAX_PLACEHOLDERS = 40000
 PDF_MAX_CMAP_CODES = 2_000_000  # code points read from embedded fonts' cmaps, all fonts together
@@ -700,18 +700,26 @@ class _PageBudget:
     """Operators and time for one page, checked before each operator pypdf runs (forms
     included): the budget holds inside a page, not only between pages."""
 
-    def __init__(self, deadline: float, number: int) -> None:
-        self.deadline, self.number, self.operators = deadline, number, 0
+    def __init__(self, deadline: float, budget_s: float, number: int) -> None:
+        self.deadline, self.budget_s, self.number = deadline, budget_s, number
+        self.operators = self.drawn = 0
         self.reason = ""
 
     def __call__(self, operator, operands, cm, tm) -> None:
         self.operators += 1
+        if operator == b"Do":  # a form is read again at each use: forms drawing forms fan out
+            self.drawn += 1
+            if self.drawn > PDF_MAX_XOBJECTS_PER_PAGE:
+                self.reason = (f"page {self.number} draws more than {PDF_MAX_XOBJECTS_PER_PAGE:,} "
+                               "XObjects (forms drawing forms)")
+                raise _PageBudgetSpent()
         if self.operators > PDF_MAX_OPERATORS_PER_PAGE:
             self.reason = (f"page {self.number} runs more than {PDF_MAX_OPERATORS_PER_PAGE:,} "
                            "drawing operators")
             raise _PageBudgetSpent()
         if self.operators % 1024 == 0 and time.monotonic() > self.deadline:
-            self.reason = f"it took over the time budget (stopped inside page {self.number})"
+            self.reason = (f"it took over {self.budget_s:.0f} s (stopped inside page "
+                           f"{self.number})")
             raise _PageBudgetSpent()
 
 
@@ -774,15 +782,6 @@ def _has_images(page) -> bool:
 
 
 def _pdf_text(data: bytes, max_pages: int, time_budget_s: float = PDF_TIME_BUDGET_S) -> tuple[str, int]:
-    from pypdf._configuration import apply_configuration
-
-    # pypdf's own limit on form XObjects drawn per page, lowered: each one re-parses the
-    # form's content stream (pypdf's parsing budget bounds one stream)
-    with apply_configuration(xform_maximum_invocations_per_extraction=PDF_MAX_XFORM_INVOCATIONS):
-        return _read_pdf(data, max_pages, time_budget_s)
-
-
-def _read_pdf(data: bytes, max_pages: int, time_budget_s: float) -> tuple[str, int]:
     from pypdf import PdfReader
 
     try:
@@ -829,12 +828,12 @@ def _read_pdf(data: bytes, max_pages: int, time_budget_s: float) -> tuple[str, i
             raise DocumentTooComplexError(f"Reading the PDF took over {time_budget_s:.0f} s "
                                           f"(stopped at page {number} of {len(pages)}).")
         placeholders.patch_page(page)
-        budget = _PageBudget(deadline, number)
+        budget = _PageBudget(deadline, time_budget_s, number)
         try:
             texts.append(_page_text(page, budget))
         except _PageBudgetSpent:
-            raise DocumentTooComplexError(f"The PDF is too costly to read: {budget.reason} "
-                                          f"({time_budget_s:.0f} s for the whole file).") from None
+            raise DocumentTooComplexError(f"The PDF is too costly to read: {budget.reason}."
+                                          ) from None
         except MemoryError:
             raise
         except Exception as exc:  # one damaged page: the others are still read

@@ -43,7 +43,9 @@ log = logging.getLogger("thai.documents.pool")
 
 PRELOAD = ("api.documents.extract", "pypdf", "docx", "lxml.etree")  # imported before the limits
 RETIRE_FRACTION = 0.5  # a worker left holding more than this share of its limit is replaced
+START_TIMEOUT_S = 120.0  # a new worker's imports, on a busy machine
 _OK, _RAISED, _OUT_OF_MEMORY = "ok", "raised", "memory"
+_READY = b"ready"
 
 
 # ============================================================== in the worker process
@@ -73,6 +75,7 @@ def _worker_main(conn, memory_bytes: int, cpu_seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGXCPU would dump core
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+    conn.send_bytes(_READY)  # a job's time counts from here, not from the imports
     while True:
         try:
             message = conn.recv()
@@ -120,6 +123,16 @@ class _Worker:
                                        name="thai-parse", daemon=True)
         self.process.start()
         child.close()
+
+    def wait_ready(self) -> None:
+        """Block until the process has imported the parsers and set its limits."""
+        try:
+            if self.conn.poll(START_TIMEOUT_S) and self.conn.recv_bytes() == _READY:
+                return
+        except (EOFError, OSError):
+            pass
+        exitcode = self.kill()
+        raise RuntimeError(f"a document reader process did not start (exit code {exitcode})")
 
     def kill(self) -> int | None:
         """Kill the process (if it still runs) and return its exit code."""
@@ -218,6 +231,7 @@ class ParsePool:
             if worker is not None:
                 worker.kill()
             worker = _Worker(self._context, self.memory_mb * 1024 * 1024, math.ceil(self.timeout_s))
+            worker.wait_ready()
         with self._lock:
             self._busy.add(worker)
         return worker
