@@ -379,3 +379,34 @@ def test_one_clients_second_file_waits_its_turn(server: ServerProcess):
     for thread in threads:
         thread.join(120)
     assert sorted(set(statuses)) <= [400, 429] and len(statuses) == 4, statuses
+
+
+def process_ended(pid: int, within_s: float = 20.0) -> bool:
+    """True once ``pid`` is gone or a zombie (killed, not yet reaped)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_ui_helper_process_is_killed_when_a_job_overruns():
+    """The live counters' process (thai_ui.worker_process): a timeout used to abandon the
+    wait but not the job, which went on costing a core, with every later job behind it."""
+    from thai_ui.worker_process import SpawnedWorker
+
+    worker = SpawnedWorker("test")
+    try:
+        first = worker.call(worker_pid, timeout=120)
+        with pytest.raises(TimeoutError):
+            worker.call(spin, timeout=2)
+        assert process_ended(first)
+        assert worker.call(double, 5, timeout=120) == 10
+        assert worker.call(worker_pid, timeout=120) != first
+    finally:
+        worker.close()
