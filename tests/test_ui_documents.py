@@ -539,3 +539,23 @@ def test_the_page_wires_files_batch_and_unload_privately():
     assert [t[1] for t in fns["end_session"].targets] == ["unload"]
     assert fns["summarize_file"].api_visibility == "public"
     assert mount.app.functions.public_names == {"summarize", "summarize_file", "chat"}
+
+
+def test_one_visitor_has_one_file_read_at_a_time(make, store):
+    """Parse jobs are bounded per client (THAI_PARSE_JOBS_PER_CLIENT=1), by address, not by
+    session (a client invents those): a second file from the same visitor is refused as
+    busy while another visitor's is read."""
+    handlers, _ = make()
+    path = upload(store, "news.txt", "ข่าววันนี้ฝนตกหนัก")
+
+    async def scenario():
+        same = SimpleNamespace(session_hash="other-tab", client=session("A").client)
+        return await asyncio.gather(handlers.load_document(path, session("A")),
+                                    handlers.load_document(path, same),
+                                    handlers.load_document(path, session("B")),
+                                    return_exceptions=True)
+
+    first, second, other = run(scenario())
+    assert first[0] == "ข่าววันนี้ฝนตกหนัก" and other[0] == "ข่าววันนี้ฝนตกหนัก"
+    assert isinstance(second, gr.Error) and "busy" in str(second)
+    assert run(handlers.load_document(path, session("A")))[0] == "ข่าววันนี้ฝนตกหนัก"

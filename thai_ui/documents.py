@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from api.batch.formats import BatchUsageError, CsvSink, TableInput, XlsxSink
-from api.documents.errors import DocumentError
+from api.documents.errors import DocumentError, ParseBusyError, ParseQueueFullError
 from api.documents.pool import ParsePool
 
 log = logging.getLogger("thai.ui.documents")
@@ -227,6 +227,8 @@ class FileWorker:
         does the pool's refusal (limits, too many jobs) as one."""
         try:
             return await self.pool.run(client, job, *args)
+        except (ParseBusyError, ParseQueueFullError) as exc:  # the UI says: busy, try again
+            raise FileJobError("server_overloaded", exc.message, exc.status_code) from None
         except DocumentError as exc:
             raise FileJobError(exc.code or "invalid_document", exc.message,
                                getattr(exc, "status_code", 400)) from None

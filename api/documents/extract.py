@@ -376,12 +376,10 @@ def _count_docx_elements(archive: zipfile.ZipFile) -> None:
     """Refuse a document whose XML parts hold more paragraphs, runs and cells than
     :data:`DOCX_MAX_BLOCKS`, or more elements than :data:`DOCX_MAX_ELEMENTS`, counted in the
     parts' bytes as they are inflated (a regex over 1 MiB pieces, nothing kept), before any
-    XML parser builds a tree. Tags that are not elements (in comments, CDATA) only count
-    more, never less."""
+    XML parser builds a tree. Tags that are not elements (in comments, CDATA, images' bytes)
+    only count more, never less."""
     blocks = elements = 0
-    for info in archive.infolist():
-        if not info.filename.lower().endswith((".xml", ".rels")):
-            continue
+    for info in archive.infolist():  # every part: python-docx goes by content type, not name
         tail = b""
         with archive.open(info) as part:
             while True:
