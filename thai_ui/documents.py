@@ -12,13 +12,12 @@ from the UI's upload folder: :mod:`thai_ui.guard` refuses any other path before 
 sees the event, and the handlers check again (:meth:`UploadStore.resolve`).
 
 The job functions here run in the worker: they take paths and limits, and return plain
-values or raise :class:`FileJobError`, which crosses the process boundary intact (the
-``DocumentError`` classes of :mod:`api.documents` do not all pickle).
+values or raise :class:`FileJobError`, which crosses the process boundary intact and
+carries the code the UI's messages know (:mod:`thai_ui.messages`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import zipfile
