@@ -416,3 +416,29 @@ def test_the_ui_helper_process_is_killed_when_a_job_overruns():
         assert worker.call(worker_pid, timeout=120) != first
     finally:
         worker.close()
+
+
+@pytest.fixture(scope="module")
+def strict_server(model_env, tmp_path_factory):
+    """One reader and a one-second limit: a file that needs longer is killed mid-parse."""
+    env = {**model_env, "THAI_ENABLE_UI": "false", "THAI_PARSE_WORKERS": "1",
+           "THAI_PARSE_TIMEOUT_S": "1"}
+    process = start_server(env, tmp_path_factory.mktemp("parse-strict"))
+    yield process
+    process.stop()
+
+
+def test_a_file_past_the_time_limit_is_killed_and_the_next_file_is_read(strict_server):
+    """A .docx within the counts that takes seconds to read (~120,000 paragraphs): its reader
+    is killed at THAI_PARSE_TIMEOUT_S, the answer says so, and the next file gets a new one."""
+    url = strict_server.url
+    with client_at(VICTIM) as victim:
+        assert summarize_file(victim, url, "news.txt", VICTIM_TEXT).status_code == 200
+    with client_at(ATTACKER) as attacker:
+        answer = summarize_file(attacker, url, "slow.docx", dense_docx(4))
+    assert answer.status_code == 422, answer.text
+    assert "THAI_PARSE_TIMEOUT_S" in answer.json()["error"]["message"]
+    assert "its process was killed" in strict_server.log()
+    with client_at(VICTIM) as victim:
+        again = summarize_file(victim, url, "news.txt", VICTIM_TEXT)
+    assert again.status_code == 200 and again.json()["summary"], again.text
