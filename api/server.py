@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_fastapi_instrumentator import Instrumentator
 
 from api import __version__
+from api.documents.pool import ParsePool
 from api.engine import Engine, EngineState, build_engine
 from api.errors import install_error_handlers
 from api.http_protocol import install_body_timeout
@@ -36,6 +37,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     if engine is None:
         engine = build_engine(settings.model)
+    # Every uploaded file, the API's and the UI's, is parsed in these sandboxed processes
+    # (started on first use, stopped at shutdown).
+    parse_pool = ParsePool.from_settings(settings.server)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -45,6 +49,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             yield
         finally:
             watcher.cancel()
+            parse_pool.close()
             await engine.stop()
 
     app = FastAPI(
@@ -58,7 +63,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = engine
     app.state.serving = Serving(engine, settings.model,
                                 document_max_bytes=settings.server.document_max_bytes,
-                                document_max_pages=settings.server.document_max_pages)
+                                document_max_pages=settings.server.document_max_pages,
+                                parse_pool=parse_pool)
+    app.state.parse_pool = parse_pool
     app.state.fatal_error = None
     app.state.ui_mounted = False
     app.state.shutdown_hook = None  # set by app.py to stop its uvicorn server

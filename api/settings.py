@@ -382,6 +382,31 @@ class ServerSettings(BaseSettings):
         3600.0, ge=10, le=7 * 86400,
         description="Seconds an uploaded file is kept before it is deleted.",
     )
+    parse_workers: int = Field(
+        2, ge=1, le=64,
+        description="Processes that read uploaded documents and tables (API and UI together); "
+        "no file is parsed in the serving process. More files at once wait for one.",
+    )
+    parse_memory_mb: int = Field(
+        1024, ge=256, le=65536,
+        description="Address space of each document-reading process, in MiB (RLIMIT_AS); a file "
+        "that needs more is refused with HTTP 422 and its process replaced.",
+    )
+    parse_timeout_s: float = Field(
+        60.0, ge=1, le=3600,
+        description="Seconds (wall clock, and CPU as RLIMIT_CPU) one file may take to read; a "
+        "file that takes longer is refused with HTTP 422 and its process killed and replaced.",
+    )
+    parse_jobs_per_client: int = Field(
+        1, ge=1, le=64,
+        description="Files one client (API key, else address) may have read or waiting at once; "
+        "more get HTTP 429. Keep it below THAI_PARSE_WORKERS so no client holds every reader.",
+    )
+    parse_max_waiting: int = Field(
+        32, ge=0, le=10_000,
+        description="Files waiting for a free reading process, all clients together; more get "
+        "HTTP 429.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

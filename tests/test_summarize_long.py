@@ -527,8 +527,9 @@ def test_document_over_the_limit_is_413_with_or_without_content_length(doc_clien
 
 
 def test_document_route_needs_the_key_and_counts_in_the_rate_limit():
+    # one request a minute: files are read in spawned processes, and no refill may race them
     app = create_app(Settings.from_overrides({
-        "enable_ui": False, "api_keys": "analyst-7f3a9c2e", "rate_limit_per_minute": 60,
+        "enable_ui": False, "api_keys": "analyst-7f3a9c2e", "rate_limit_per_minute": 1,
         "rate_limit_burst": 2}), FakeEngine())
     file = {"file": ("a.txt", "ข้อความ".encode(), "text/plain")}
     with TestClient(app) as client:

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
+from api.documents.pool import ParsePool
 from api.serving import Serving
 from api.settings import ModelSettings
 from tests.documents_support import docx_bytes, html_bytes, markdown_bytes
@@ -35,9 +36,17 @@ def store(tmp_path) -> UploadStore:
     return store
 
 
+@pytest.fixture(scope="module")
+def parse_pool():
+    """The app's sandboxed file readers, shared by this module's tests (spawning costs)."""
+    pool = ParsePool(workers=2, timeout_s=60)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def make(store):
-    """UIHandlers over a fake engine, closed (with their file process) after the test."""
+def make(store, parse_pool):
+    """UIHandlers over a fake engine and the module's parse pool, closed after the test."""
     made: list[UIHandlers] = []
 
     def build(*, chunk_tokens: int = 1024, document_max_bytes: int | None = None,
@@ -45,7 +54,7 @@ def make(store):
         engine = FakeEngine(**engine_kwargs)
         asyncio.run(engine.start())
         serving = Serving(engine, ModelSettings(max_new_tokens=50, summary_chunk_tokens=chunk_tokens),
-                          document_max_bytes=document_max_bytes)
+                          document_max_bytes=document_max_bytes, parse_pool=parse_pool)
         handlers = UIHandlers(serving, uploads=store, upload_max_bytes=upload_max_bytes)
         made.append(handlers)
         return handlers, engine
@@ -97,7 +106,8 @@ def scanned_pdf() -> bytes:
 
 
 def session(name: str) -> SimpleNamespace:
-    return SimpleNamespace(session_hash=name)
+    """A visitor's request: its session and (parse jobs are bounded per client) address."""
+    return SimpleNamespace(session_hash=name, client=SimpleNamespace(host=f"visitor-{name}"))
 
 
 async def collect(agen) -> list:
@@ -529,3 +539,23 @@ def test_the_page_wires_files_batch_and_unload_privately():
     assert [t[1] for t in fns["end_session"].targets] == ["unload"]
     assert fns["summarize_file"].api_visibility == "public"
     assert mount.app.functions.public_names == {"summarize", "summarize_file", "chat"}
+
+
+def test_one_visitor_has_one_file_read_at_a_time(make, store):
+    """Parse jobs are bounded per client (THAI_PARSE_JOBS_PER_CLIENT=1), by address, not by
+    session (a client invents those): a second file from the same visitor is refused as
+    busy while another visitor's is read."""
+    handlers, _ = make()
+    path = upload(store, "news.txt", "ข่าววันนี้ฝนตกหนัก")
+
+    async def scenario():
+        same = SimpleNamespace(session_hash="other-tab", client=session("A").client)
+        return await asyncio.gather(handlers.load_document(path, session("A")),
+                                    handlers.load_document(path, same),
+                                    handlers.load_document(path, session("B")),
+                                    return_exceptions=True)
+
+    first, second, other = run(scenario())
+    assert first[0] == "ข่าววันนี้ฝนตกหนัก" and other[0] == "ข่าววันนี้ฝนตกหนัก"
+    assert isinstance(second, gr.Error) and "busy" in str(second)
+    assert run(handlers.load_document(path, session("A")))[0] == "ข่าววันนี้ฝนตกหนัก"

@@ -1,34 +1,34 @@
 """Files the UI reads: documents for the summarize tab, CSV/XLSX tables for the batch tab.
 
-Parsing is CPU-bound pure Python (pypdf, the .docx reader, openpyxl, the CSV reader): in a
-thread of the serving process it would hold the interpreter lock that the event loop and
-the engine's worker need, and the UI is public. So, like the live counters
-(:class:`thai_ui.text_stats.TextCounter`), every parse runs in one separate worker process,
-one at a time for all visitors (:class:`FileWorker`); the serving process only awaits it.
+Parsing is CPU-bound pure Python (pypdf, the .docx reader, openpyxl, the CSV reader), and
+the UI is public: a hostile file in the serving process would cost it gigabytes and hold the
+interpreter lock that the event loop and the engine's worker need. So every parse runs in
+the app's sandboxed worker processes (:class:`api.documents.pool.ParsePool`, shared with
+the API: memory and CPU limits, killed and replaced when a file overruns them, a bound on
+jobs per visitor); the serving process only awaits it (:class:`FileWorker`).
 
 Every file is read with a size cap before it is parsed (:func:`read_capped`), and only
 from the UI's upload folder: :mod:`thai_ui.guard` refuses any other path before Gradio
 sees the event, and the handlers check again (:meth:`UploadStore.resolve`).
 
 The job functions here run in the worker: they take paths and limits, and return plain
-values or raise :class:`FileJobError`, which crosses the process boundary intact (the
-``DocumentError`` classes of :mod:`api.documents` do not all pickle).
+values or raise :class:`FileJobError`, which crosses the process boundary intact and
+carries the code the UI's messages know (:mod:`thai_ui.messages`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import zipfile
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from api.batch.formats import BatchUsageError, CsvSink, TableInput, XlsxSink
-from thai_ui.worker_process import SpawnedWorker
+from api.documents.errors import DocumentError, ParseBusyError, ParseQueueFullError
+from api.documents.pool import ParsePool
 
 log = logging.getLogger("thai.ui.documents")
 
@@ -38,7 +38,6 @@ TABLE_TYPES = (".csv", ".xlsx")
 # byte of it, so a small upload cannot expand into gigabytes of rows (a "zip bomb").
 XLSX_MAX_UNCOMPRESSED = 64 * 1024 * 1024
 XLSX_MAX_ENTRIES = 5000
-JOB_TIMEOUT_S = 180.0  # longer than api.documents' own PDF time budget (120 s)
 
 
 class FileJobError(Exception):
@@ -87,16 +86,17 @@ def read_capped(path: str | os.PathLike, max_bytes: int) -> bytes:
     return data
 
 
-def extract_job(path: str, filename: str, max_bytes: int, max_pages: int) -> DocumentText:
+def extract_job(path: str, filename: str, max_bytes: int, max_pages: int,
+                time_budget_s: float = 120.0) -> DocumentText:
     """In the worker: the document's text (``api.documents.extract``)."""
-    from api.documents.errors import DocumentError
     from api.documents.extract import extract_document
 
     data = read_capped(path, max_bytes)
     if not data:
         raise FileJobError("document_empty", "The file is empty (0 bytes).")
     try:
-        document = extract_document(data, filename, max_bytes=max_bytes, max_pages=max_pages)
+        document = extract_document(data, filename, max_bytes=max_bytes, max_pages=max_pages,
+                                    time_budget_s=time_budget_s)
     except DocumentError as exc:
         raise FileJobError(exc.code or "invalid_document", exc.message,
                            getattr(exc, "status_code", 400)) from None
@@ -214,22 +214,23 @@ class UITable(TableInput):
 
 # ============================================================== the worker
 class FileWorker:
-    """The file jobs above in one :class:`SpawnedWorker` process, one at a time, with a time
-    limit; a reader that dies or overruns is the file's fault, told as such."""
+    """The file jobs above in the app's :class:`~api.documents.pool.ParsePool`, as one of
+    the visitor's parse jobs; a reader that dies or overruns is the file's fault, told as
+    such, and a visitor with a file already being read is told to wait."""
 
-    def __init__(self, timeout_s: float = JOB_TIMEOUT_S) -> None:
-        self.timeout_s = timeout_s
-        self._worker = SpawnedWorker("file-reading")
+    def __init__(self, pool: ParsePool) -> None:
+        self.pool = pool
 
-    async def run(self, job, *args):
-        """``job(*args)`` in the worker process; its :class:`FileJobError` raises here."""
+    async def run(self, job, *args, client: str = "-"):
+        """``job(*args)`` in a worker process; its :class:`FileJobError` raises here, and so
+        does the pool's refusal (limits, too many jobs) as one."""
         try:
-            return await self._worker.acall(job, *args, timeout=self.timeout_s)
-        except BrokenProcessPool:
-            raise FileJobError("document_too_complex", "Reading the file stopped the reader.") from None
-        except asyncio.TimeoutError:
-            raise FileJobError("document_too_complex", f"Reading the file took over "
-                               f"{self.timeout_s:.0f} s.") from None
+            return await self.pool.run(client, job, *args)
+        except (ParseBusyError, ParseQueueFullError) as exc:  # the UI says: busy, try again
+            raise FileJobError("server_overloaded", exc.message, exc.status_code) from None
+        except DocumentError as exc:
+            raise FileJobError(exc.code or "invalid_document", exc.message,
+                               getattr(exc, "status_code", 400)) from None
 
     def close(self) -> None:
-        self._worker.close()
+        """Nothing to stop: the pool is the app's (closed at its shutdown)."""

@@ -84,7 +84,7 @@ class UIHandlers:
         self.uploads = uploads  # files are read only from here
         self.upload_max_bytes = upload_max_bytes  # what one upload may be (the body limit)
         self.counter = TextCounter()
-        self.files = FileWorker()
+        self.files = FileWorker(serving.parse_pool)  # the app's, shared with the API
         self.batches = BatchJobs()
         self.batch_slots = SharedSlots(lambda: batch_slots(self.engine.info.max_batch_size))
         self._batch_serving: Serving | None = None
@@ -197,17 +197,17 @@ class UIHandlers:
             await run.aclose()
 
     # ---------------------------------------------------------- documents
-    async def load_document(self, path: str | None) -> tuple[str, str]:
+    async def load_document(self, path: str | None, request: gr.Request = None) -> tuple[str, str]:
         """The summarize tab's file: its text for the (editable) text box, and a line
         naming the document (name, kind, pages, characters)."""
-        document = await self._read_document(path)
+        document = await self._read_document(path, tenant_of(request))
         return document.text, document_markdown(document)
 
     async def summarize_file(self, path: str | None, max_tokens: float, temperature: float,
                              request: gr.Request = None) -> AsyncIterator[tuple[str, str]]:
         """For ``gradio_client``: a document's summary, streamed like :meth:`summarize`."""
         started = time.perf_counter()
-        document = await self._read_document(path)
+        document = await self._read_document(path, tenant_of(request))
         suffix = " · " + document_markdown(document)
         async with aclosing(self._summary_updates(document.text, max_tokens, temperature,
                                                   started, suffix,
@@ -226,12 +226,13 @@ class UIHandlers:
             raise ui_error("no_file")
         return resolved
 
-    async def _read_document(self, path: Any) -> DocumentText:
+    async def _read_document(self, path: Any, client: str = "-") -> DocumentText:
         resolved = self._uploaded(path)
         try:
             document = await self.files.run(extract_job, str(resolved), resolved.name,
                                             self.document_max_bytes,
-                                            self.serving.document_max_pages)
+                                            self.serving.document_max_pages,
+                                            0.8 * self.files.pool.timeout_s, client=client)
         except FileJobError as exc:
             raise file_error(exc.code, exc.message) from None
         if is_blank(document.text):
@@ -248,13 +249,14 @@ class UIHandlers:
         return min(limit, self.upload_max_bytes) if self.upload_max_bytes else limit
 
     # -------------------------------------------------------------- batch
-    async def batch_columns(self, path: Any) -> tuple[Any, str]:
+    async def batch_columns(self, path: Any, request: gr.Request = None) -> tuple[Any, str]:
         """On upload of a table: the text column's choices (the command line's pick
         selected) and a line with the rows and columns."""
         resolved = self._uploaded(path)
         try:
             info = await self.files.run(table_info_job, str(resolved), resolved.name,
-                                        self.document_max_bytes, MAX_ROWS)
+                                        self.document_max_bytes, MAX_ROWS,
+                                        client=tenant_of(request))
         except FileJobError as exc:
             raise file_error(exc.code, exc.message) from None
         rows = (f"มากกว่า / more than {MAX_ROWS:,} ⚠ (สูงสุด / at most {MAX_ROWS:,})"
@@ -270,6 +272,7 @@ class UIHandlers:
                         ) -> AsyncIterator[tuple[str, Any]]:
         """Stream (progress HTML, result file) while the table's rows are summarized."""
         session = _session_of(request)
+        client = tenant_of(request)
         resolved = self._uploaded(path)
         if not column:
             raise ui_error("choose_column")
@@ -280,7 +283,7 @@ class UIHandlers:
             raise ui_error(code) from None
         try:
             async with aclosing(self._batch_updates(job, resolved, str(column), max_tokens,
-                                                    temperature)) as updates:
+                                                    temperature, client)) as updates:
                 async for update in updates:
                     yield update
         finally:
@@ -290,7 +293,8 @@ class UIHandlers:
             self.batches.finish(job)
 
     async def _batch_updates(self, job: BatchJob, path: Path, column: str, max_tokens: float,
-                             temperature: float) -> AsyncIterator[tuple[str, Any]]:
+                             temperature: float, client: str = "-"
+                             ) -> AsyncIterator[tuple[str, Any]]:
         if not self.engine.ready:  # every row would fail the same way
             failure = self.engine.failure()
             raise ui_error("model_load_failed" if failure else "model_not_ready")
@@ -303,7 +307,7 @@ class UIHandlers:
         try:
             table, rows, fmt = await self.files.run(
                 read_table_job, str(path), path.name, column, self.document_max_bytes, MAX_ROWS,
-                options.max_tokens, options.temperature)
+                options.max_tokens, options.temperature, client=client)
         except FileJobError as exc:
             raise file_error(exc.code, exc.message) from None
         if job.stopped:
@@ -339,7 +343,13 @@ class UIHandlers:
         note = ""
         if job.results:
             result = self._result_path(path, fmt)
-            await self.files.run(write_results_job, table, _portable(job.results), fmt, str(result))
+            try:
+                # the server's own output, not the visitor's file: not refused for the
+                # visitor's other jobs (its results would be lost)
+                await self.files.run(write_results_job, table, _portable(job.results), fmt,
+                                     str(result), client=f"{client} results")
+            except FileJobError as exc:
+                raise file_error(exc.code, exc.message) from None
             note = ("ไฟล์ผลลัพธ์มีเฉพาะแถวที่เสร็จแล้ว / the result file holds the finished rows"
                     if state != "done" else "")
         if state == "failed":

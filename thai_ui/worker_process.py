@@ -5,6 +5,9 @@ thread, a long text or a big PDF starves the event loop and the engine's worker 
 the interpreter. In a process of its own such work costs a core at most. The process is
 started on first use (``spawn``: forking a process that runs the engine's threads is
 unsafe), started anew once if it died (killed, out of memory), and stopped by ``close``.
+A job that overruns its timeout is killed with its process (waiting less would leave it
+running, and every later job behind it). Uploaded files are not read here: they go to the
+app's sandboxed pool (:mod:`api.documents.pool`).
 """
 
 from __future__ import annotations
@@ -42,25 +45,44 @@ class SpawnedWorker:
             self._pool = None
         return attempt == 1
 
+    def _overran(self, pool: ProcessPoolExecutor) -> None:
+        """Kill the process of a job past its timeout, so that it stops costing a core and
+        the next job gets a fresh process instead of waiting behind it."""
+        log.warning("a %s job overran its time; its process is killed", self.what)
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        for process in list(getattr(pool, "_processes", {}).values()):  # no public way
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
     def call(self, job: Callable[..., Any], *args: Any, timeout: float) -> Any:
         """``job(*args)`` in the process, waiting (blocking) up to ``timeout`` seconds."""
         for attempt in (1, 2):
+            pool = self._executor()
             try:
-                return self._executor().submit(job, *args).result(timeout)
+                return pool.submit(job, *args).result(timeout)
             except BrokenProcessPool:
                 if not self._died(attempt):
                     raise
+            except TimeoutError:
+                self._overran(pool)
+                raise
         raise AssertionError("unreachable")
 
     async def acall(self, job: Callable[..., Any], *args: Any, timeout: float) -> Any:
         """``job(*args)`` in the process, awaited up to ``timeout`` seconds."""
         for attempt in (1, 2):
+            pool = self._executor()
             try:
-                future = self._executor().submit(job, *args)
+                future = pool.submit(job, *args)
                 return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
             except BrokenProcessPool:
                 if not self._died(attempt):
                     raise
+            except asyncio.TimeoutError:
+                self._overran(pool)
+                raise
         raise AssertionError("unreachable")
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {CHAT_URL: ChatCompletionRequest,
                                               SUMMARIZE_URL: SummarizeRequest}
 FORMATS = ("jsonl", "csv", "xlsx")
 XLSX_CELL_LIMIT = 32767  # Excel's most characters in one cell; longer text is cut, with a marker
+MAX_COLUMNS = 1000  # a table's header; wider tables are refused (each row is copied per column)
 
 csv.field_size_limit(2**31 - 1)  # the default (128 KiB) is below a 200,000-character Thai text
 
@@ -249,12 +251,17 @@ class TableInput:
         header = next(iter(read_records(path)), None)
         if header is None:
             raise BatchUsageError(f"{path} is empty: it needs a header row and one row per text")
-        while header and cell_text(header[-1]).strip() == "":
-            header = header[:-1]  # a formatted but empty cell right of the last column
-        self.columns = [cell_text(name).strip() or f"column_{i + 1}" for i, name in enumerate(header)]
+        width = len(header)
+        while width and cell_text(header[width - 1]).strip() == "":
+            width -= 1  # a formatted but empty cell right of the last column
+        if width > MAX_COLUMNS:
+            raise BatchUsageError(f"{path} has {width:,} columns in its header row; at most "
+                                  f"{MAX_COLUMNS:,} are read (the text goes in one of them)")
+        self.columns = [cell_text(name).strip() or f"column_{i + 1}"
+                        for i, name in enumerate(header[:width])]
         if not self.columns:
             raise BatchUsageError(f"{path} has an empty header row: the first row names the columns")
-        doubled = sorted({c for c in self.columns if self.columns.count(c) > 1})
+        doubled = sorted(name for name, count in Counter(self.columns).items() if count > 1)
         if doubled:
             raise BatchUsageError(f"{path} has more than one column named {', '.join(map(repr, doubled))}")
         self.text_column = self._pick_text_column(text_column)

@@ -97,3 +97,28 @@ class ScannedPdfError(DocumentError):
 
 class EmptyDocumentError(DocumentError):
     default_code = "document_empty"
+
+
+class DocumentLimitError(DocumentTooComplexError):
+    """The parser overran its sandbox (time, memory, CPU) and was killed: HTTP 422."""
+
+    status_code = 422
+
+
+class ParseBusyError(DocumentError):
+    """This client already has as many files being read as it may: HTTP 429."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "too_many_parse_jobs"
+    retry_after = 5
+
+
+class ParseQueueFullError(DocumentError):
+    """Every document reader is busy and the queue is full: HTTP 429, as an engine that is
+    full answers."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "server_overloaded"
+    retry_after = 5

@@ -13,7 +13,7 @@ A PDF stores glyphs, not characters; the text layer is rebuilt from each font's
   back through HarfBuzz's table, and unknown glyphs are guessed with the Thai dictionary:
   every mark (or mark pair) that makes a valid Thai cluster is tried, and the one whose
   words are most frequent wins. Glyphs that carry an identity (``(cid:N)``, or the
-  placeholders :mod:`api.documents.extract` puts in place of unmapped glyphs, see
+  placeholders :mod:`api.documents.pdf_text` puts in place of unmapped glyphs, see
   :func:`glyph_placeholder`) are decided once per glyph, by all their occurrences.
 * **Shaping order.** Shapers draw SARA AM (ำ) as NIKHAHIT + SARA AA (ํ + า) with the
   NIKHAHIT moved before a tone mark; extractors return that order. It is recomposed, and

@@ -9,7 +9,10 @@ a second file, an unknown or repeated field all get a 400 that says which.
 The app's body limit for this path is ``THAI_DOCUMENT_MAX_BYTES`` plus room for the form
 (:func:`api.middleware.document_body_limit`), counted as the body streams in, so an upload
 without ``Content-Length`` is cut at the limit too. The key check and the rate limit are
-the app's middlewares: they apply here as to every ``/v1`` route.
+the app's middlewares: they apply here as to every ``/v1`` route. The file is parsed in a
+sandboxed worker process (:mod:`api.documents.pool`), as one of the client's parse jobs:
+at most ``THAI_PARSE_JOBS_PER_CLIENT`` at once (429 beyond), and a file that overruns
+``THAI_PARSE_TIMEOUT_S`` or ``THAI_PARSE_MEMORY_MB`` gets 422.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from starlette.datastructures import UploadFile
 
 from api.errors import InvalidRequestError, clip
 from api.middleware import DOCUMENT_UPLOAD_PATH
-from api.protocol import SummarizeDocumentForm, SummarizeDocumentResponse
+from api.protocol import ErrorResponse, SummarizeDocumentForm, SummarizeDocumentResponse
 from api.routes.deps import cancel_on_disconnect, event_stream_response, get_serving, request_tenant
 from api.routes.openai_chat import ERRORS
 from api.routes.summarize import SUMMARY_STREAM_DOC
@@ -48,7 +51,10 @@ def _form_schema() -> dict:
 
 @router.post(
     DOCUMENT_PATH, response_model=SummarizeDocumentResponse,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description":
+    responses={**ERRORS, 422: {"model": ErrorResponse, "description":
+                               "The file overran its reader's time or memory limit "
+                               "(THAI_PARSE_TIMEOUT_S, THAI_PARSE_MEMORY_MB)"},
+               200: {"content": {"text/event-stream": {}}, "description":
                                "JSON, or SSE when stream=true. " + SUMMARY_STREAM_DOC + " The "
                                "summarize.result event carries `document` too."}},
     openapi_extra={"requestBody": {"required": True, "content": {

@@ -46,6 +46,7 @@ class Serving(TokenizeServing, ChatServing, CompletionServing, DocumentServing):
     """Shared by the OpenAI routes, the summarize routes, the UI and the batch runner."""
 
     def __init__(self, engine: Engine, settings: ModelSettings, *,
-                 document_max_bytes: int | None = None, document_max_pages: int | None = None):
+                 document_max_bytes: int | None = None, document_max_pages: int | None = None,
+                 parse_pool=None):
         super().__init__(engine, settings, document_max_bytes=document_max_bytes,
-                         document_max_pages=document_max_pages)
+                         document_max_pages=document_max_pages, parse_pool=parse_pool)
