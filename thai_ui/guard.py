@@ -19,7 +19,9 @@ Gradio and closes it in one place:
 - **Files**: a client may name a file only inside this process's upload
   folder (:class:`~thai_ui.uploads.UploadStore`): every ``"path"`` in an event's
   JSON is checked (and mapped from its ``upload/...`` token back to the real
-  path) before Gradio reads it, and ``file=`` serves only from there, with a
+  path) before Gradio reads it, chat messages may be text and files only (a
+  component message's ``constructor_args`` would name files Gradio copies
+  unchecked), and ``file=`` serves only from there, with a
   fixed set of response headers (Gradio's ranged responses copy the
   *request's* headers, ``Authorization`` and ``Cookie`` included, into the
   response).
@@ -223,11 +225,24 @@ class UIGuard:
         return rewriting_send
 
     def _map_files(self, value: Any) -> Any:
-        """Every ``{"path": ...}`` must be an upload of this process; tokens become real paths."""
+        """Every ``{"path": ...}`` must be an upload of this process; tokens become real paths.
+
+        Component messages are refused outright: Gradio builds the named component from the
+        client's ``constructor_args`` (``Chatbot._preprocess_content``), and a component's
+        own file arguments (``icon``, ``avatar_images``, a ``value`` that is a bare path...)
+        are copied into the upload folder from anywhere Gradio's output rule allows (the
+        system's temp folder), unchecked and past the quota. The UI's histories are text and
+        uploaded files only, so a chat message may be nothing else; the key is checked
+        wherever it appears (pydantic takes a dict without ``"type"`` as a component message
+        too).
+        """
         if isinstance(value, list):
             return [self._map_files(item) for item in value]
         if not isinstance(value, dict):
             return value
+        if "constructor_args" in value or value.get("type") == "component":
+            raise RefusedRequest(400, "Chat messages may hold only text and uploaded files.",
+                                 "component_not_allowed")
         mapped = {key: self._map_files(item) for key, item in value.items()}
         if "path" in mapped and mapped["path"] is not None:
             resolved = self.uploads.resolve(mapped["path"])
