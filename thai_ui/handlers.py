@@ -10,7 +10,7 @@ closed tab) cancels the generations.
 
 Files (the summarize tab's document, the batch tab's table) are read only from
 the UI's upload folder and parsed in a separate process (:mod:`thai_ui.documents`);
-batches are bounded per session, in rows and in engine slots (:mod:`thai_ui.batch`),
+batches are bounded per session, per client, in rows and in engine slots (:mod:`thai_ui.batch`),
 and their result files are written into the upload folder, where the guard serves
 them and the sweeper removes them.
 """
@@ -38,6 +38,7 @@ from api.protocol import (
     SummarizeRequest,
     SummarizeResponse,
 )
+from api.security import client_identity
 from api.serving import Serving, SummaryOptions
 from api.text import is_blank
 from thai_ui.batch import (
@@ -77,13 +78,13 @@ class UIHandlers:
     """Bound methods used as Gradio event handlers."""
 
     def __init__(self, serving: Serving, *, uploads: UploadStore | None = None,
-                 upload_max_bytes: int | None = None):
+                 upload_max_bytes: int | None = None, batch_jobs_per_client: int = 1):
         self.serving = serving
         self.uploads = uploads  # files are read only from here
         self.upload_max_bytes = upload_max_bytes  # what one upload may be (the body limit)
         self.counter = TextCounter()
         self.files = FileWorker()
-        self.batches = BatchJobs()
+        self.batches = BatchJobs(per_client=batch_jobs_per_client)
         self.batch_slots = SharedSlots(lambda: batch_slots(self.engine.info.max_batch_size))
         self._batch_serving: Serving | None = None
         self._template: int | None = None
@@ -264,14 +265,15 @@ class UIHandlers:
                         temperature: float, request: gr.Request = None
                         ) -> AsyncIterator[tuple[str, Any]]:
         """Stream (progress HTML, result file) while the table's rows are summarized."""
-        session = _session_of(request)
+        session, client = _session_of(request), _client_of(request)
         resolved = self._uploaded(path)
         if not column:
             raise ui_error("choose_column")
         try:
-            job = self.batches.start(session)
+            job = self.batches.start(session, client)
         except BatchBusy as busy:
-            code = "batch_running" if busy.scope == "session" else "server_overloaded"
+            code = {"session": "batch_running", "client": "batch_client_busy"}.get(
+                busy.scope, "server_overloaded")
             raise ui_error(code) from None
         try:
             async with aclosing(self._batch_updates(job, resolved, str(column), max_tokens,
@@ -305,8 +307,10 @@ class UIHandlers:
             yield progress_html("stopped"), None
             return
         expected = 2 * path.stat().st_size + len(rows) * (options.max_tokens * 16 + 1024)
-        if self.uploads is None or not self.uploads.has_room(expected):
-            raise ui_error("upload_quota_exceeded")
+        full = self.uploads.room_for(job.client, expected) if self.uploads is not None else "server"
+        if full is not None:  # the result file counts in the client's share, like an upload
+            raise ui_error("client_upload_quota_exceeded" if full == "client"
+                           else "upload_quota_exceeded")
         job.total = len(rows)
         concurrency = batch_slots(self.engine.info.max_batch_size)
         job.task = asyncio.ensure_future(run_batch(
@@ -335,6 +339,7 @@ class UIHandlers:
         if job.results:
             result = self._result_path(path, fmt)
             await self.files.run(write_results_job, table, _portable(job.results), fmt, str(result))
+            self.uploads.record(job.client, result)
             note = ("ไฟล์ผลลัพธ์มีเฉพาะแถวที่เสร็จแล้ว / the result file holds the finished rows"
                     if state != "done" else "")
         if state == "failed":
@@ -459,6 +464,17 @@ def document_markdown(document: DocumentText) -> str:
 def _session_of(request: Any) -> str:
     session = getattr(request, "session_hash", None)
     return str(session) if session else "-"
+
+
+def _client_of(request: Any) -> str:
+    """Who the event is for, as the UI guard counts clients (the key's label when the UI is
+    protected, else the address after the trusted-proxy step): the session hash is the
+    client's own invention, this is not."""
+    scope = getattr(getattr(request, "request", None), "scope", None)
+    if isinstance(scope, dict):
+        return client_identity(scope)
+    host = getattr(getattr(request, "client", None), "host", None) if request is not None else None
+    return f"ip-{host}" if host else "-"
 
 
 def _portable(results: list) -> list:
