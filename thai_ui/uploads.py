@@ -142,13 +142,12 @@ class UploadStore:
 
     def room_for(self, client: str, incoming: int) -> str | None:
         """None when ``incoming`` bytes from ``client`` fit; else which quota is full:
-        ``"client"`` (this client's share) or ``"server"`` (everyone's)."""
-        if self.quota_bytes <= 0:
+        ``"server"`` (everyone's, checked first: no client can help it) or ``"client"``
+        (this client's share)."""
+        if not self.has_room(incoming):
             return "server"
         mine = self.client_usage(client) + self._reserved.get(client, 0) + incoming
-        if mine > self.client_quota_bytes:
-            return "client"
-        return None if self.has_room(incoming) else "server"
+        return "client" if mine > self.client_quota_bytes else None
 
     def client_retry_after(self, client: str, now: float | None = None) -> int:
         """Seconds until ``client``'s oldest file expires and frees its share (at least 1)."""
