@@ -522,9 +522,11 @@ def call_in_session(url: str, fn: dict, data: list, session: str, timeout: float
     out = []
     with httpx.stream("GET", f"{url}{UI}/queue/data", params={"session_hash": session},
                       timeout=timeout) as stream:
+        # Until Gradio closes the stream: the next call of the session joins after that (one
+        # joined while this stream is closing is dropped with it).
         for line in stream.iter_lines():
             out.append(line)
-            if "process_completed" in line:
+            if "close_stream" in line:
                 break
     return "\n".join(out)
 

@@ -167,9 +167,9 @@ class QueuedCall:
         try:
             with self.client.stream("GET", f"{self.url}{UI}/queue/data",
                                     params={"session_hash": self.session}, timeout=120) as s:
-                for line in s.iter_lines():
+                for line in s.iter_lines():  # Gradio closes it once the session has no event
                     self.lines.append(line)
-                    if "process_completed" in line:
+                    if "close_stream" in line:
                         break
         finally:
             self.done.set()
@@ -190,9 +190,11 @@ class QueuedCall:
 
 
 def start_batch(door, client: httpx.Client, deps: dict, file: dict) -> QueuedCall:
-    """The page's order in a new session: the upload lists the columns, then run."""
+    """The page's order in a new session: the upload lists the columns, then run. The run
+    joins once Gradio has closed the listing's stream: joined while that stream is closing,
+    Gradio would drop the run with the disconnected stream (``clean_events``)."""
     listed = QueuedCall(door.url, client, deps["batch_columns"], [file])
-    assert listed.wait_for("process_completed") and '"choices"' in listed.text, listed.text[-1000:]
+    assert listed.done.wait(120) and '"choices"' in listed.text, listed.text[-1000:]
     return QueuedCall(door.url, client, deps["run_batch"], [file, "text", 64, 0.0], listed.session)
 
 
