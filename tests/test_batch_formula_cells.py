@@ -13,7 +13,8 @@ import zipfile
 
 import pytest
 
-from api.batch.formats import CsvSink, RowResult, TableInput, XlsxSink, csv_cell, csv_text
+from api.batch.cells import csv_cell, csv_text
+from api.batch.formats import CsvSink, RowResult, TableInput, XlsxSink
 from api.protocol import SummarizeResponse, SummarizeUsage
 
 openpyxl = pytest.importorskip("openpyxl")

@@ -20,7 +20,8 @@ Outputs (written one finished row at a time, flushed, so a kill loses only the r
   Result files are opened in spreadsheets, and their cells come from anyone (the input's rows,
   the model's summaries): no text cell becomes a formula. In ``.csv`` a text starting with
   ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'`` (OWASP's
-  CSV-injection advice; :func:`csv_cell`); in ``.xlsx`` every text is written as a string cell.
+  CSV-injection advice); in ``.xlsx`` every text is written as a string cell
+  (:mod:`api.batch.cells`).
 
 Resume: a row whose key (custom_id, id column or row number) is in OUTPUT is not run again. A
 last line cut short by a kill is dropped (the file is truncated before it) and its row redone.
@@ -33,7 +34,6 @@ import datetime as dt
 import io
 import json
 import os
-import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +42,8 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+
+from api.batch.cells import csv_cell, csv_text, string_cells
 
 # The HTTP API's own wording of a validation error, so a bad row reads like a 400 from the route.
 from api.errors import _validation_message, error_body
@@ -440,28 +442,6 @@ class JsonlSink:
             self._file.close()
 
 
-# Characters a spreadsheet reads as the start of a formula (OWASP, "CSV Injection").
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def csv_cell(value: Any) -> Any:
-    """A cell as a CSV result holds it: a text a spreadsheet would run as a formula gets a
-    leading ``'`` (a plain number such as ``-5`` stays a number). A text that already starts
-    with ``'`` gets one more, so :func:`csv_text` gives back exactly what was written."""
-    if not isinstance(value, str) or not value:
-        return value
-    if value.startswith("'") or (value.startswith(FORMULA_STARTS)
-                                 and not _PLAIN_NUMBER.fullmatch(value)):
-        return "'" + value
-    return value
-
-
-def csv_text(cell: str) -> str:
-    """The text :func:`csv_cell` escaped (resume reads keys and the header back)."""
-    return cell[1:] if cell.startswith("'") else cell
-
-
 class CsvSink:
     """``row``, the input columns, ``summary``, ``error``; UTF-8 with a BOM so Excel shows Thai."""
 
@@ -624,21 +604,6 @@ def _xlsx_cell(value: Any) -> Any:
     return value
 
 
-def _string_cells(sheet: Any, values: list[Any]) -> list[Any]:
-    """Texts as string cells: openpyxl makes a text starting with ``=`` a formula (and
-    ``#N/A`` an error value); here every text stays what it says."""
-    from openpyxl.cell import WriteOnlyCell
-
-    cells: list[Any] = []
-    for value in values:
-        if isinstance(value, str):
-            cell = WriteOnlyCell(sheet, value=value)
-            cell.data_type = "s"
-            value = cell
-        cells.append(value)
-    return cells
-
-
 def write_workbook(path: Path, columns: list[str], sidecar: Path) -> None:
     """The workbook from the sidecar, rows in input order, written beside and renamed over
     ``path`` so a reader never sees half a file."""
@@ -656,9 +621,9 @@ def write_workbook(path: Path, columns: list[str], sidecar: Path) -> None:
     records.sort(key=lambda r: r["row"])
     book = openpyxl.Workbook(write_only=True)
     sheet = book.create_sheet("results")
-    sheet.append(_string_cells(sheet, [_xlsx_cell(c) for c in columns]))
+    sheet.append(string_cells(sheet, [_xlsx_cell(c) for c in columns]))
     for r in records:
-        sheet.append(_string_cells(sheet, [_xlsx_cell(v) for v in
+        sheet.append(string_cells(sheet, [_xlsx_cell(v) for v in
                                            [r["row"], *r["values"], r["summary"], r["error"]]]))
     partial = path.with_name(f".{path.name}.partial")
     book.save(partial)
