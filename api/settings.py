@@ -369,6 +369,11 @@ class ServerSettings(BaseSettings):
         description="Most UI events waiting in Gradio's queue; more are refused (the UI says the "
         "server is busy).",
     )
+    ui_batch_jobs_per_client: int = Field(
+        1, ge=1, le=4,
+        description="Batch-tab jobs one client may run at once, whatever sessions it opens "
+        "(per address, per key when the UI is protected); at most the 4 all clients share.",
+    )
     ui_upload_dir: str = Field(
         "", description="Where the UI keeps uploaded files, each process in its own folder "
         "that is emptied at exit (default: a folder in the system's temp directory).",
@@ -377,6 +382,13 @@ class ServerSettings(BaseSettings):
         256 * 1024 * 1024, ge=0, le=1024**4,
         description="Most bytes of uploads kept at once; an upload that would pass it gets "
         "HTTP 507. 0 refuses uploads.",
+    )
+    ui_upload_bytes_per_client: int = Field(
+        64 * 1024 * 1024, ge=1024, le=1024**4,
+        description="Most bytes of uploads (and batch results) one client may have kept at once: "
+        "per address, per key when the UI is protected; capped at THAI_UI_UPLOAD_QUOTA_BYTES. "
+        "An upload past it gets HTTP 429 until that client's oldest file expires, while other "
+        "clients still upload.",
     )
     ui_upload_ttl_s: float = Field(
         3600.0, ge=10, le=7 * 86400,

@@ -564,9 +564,11 @@ def call_in_session(url: str, fn: dict, data: list, session: str, timeout: float
     out = []
     with httpx.stream("GET", f"{url}{UI}/queue/data", params={"session_hash": session},
                       timeout=timeout) as stream:
+        # Until Gradio closes the stream: the next call of the session joins after that (one
+        # joined while this stream is closing is dropped with it).
         for line in stream.iter_lines():
             out.append(line)
-            if "process_completed" in line:
+            if "close_stream" in line:
                 break
     return "\n".join(out)
 
@@ -590,3 +592,58 @@ def test_batch_result_is_an_upload_named_by_token(default_ui):
     fetched = httpx.get(f"{default_ui.url}{UI}/file={result}", headers={"Cookie": "s=leak-me"})
     assert fetched.status_code == 200 and "leak-me" not in str(fetched.headers)
     assert fetched.content.decode("utf-8-sig").splitlines()[0] == "row,text,summary,error"
+
+
+# ---------------------------------------------- 8. component chat messages
+def component_messages(secret: str) -> list[dict]:
+    """Chat-history content items that make Gradio build a component from the client's
+    constructor arguments, each naming a file outside the upload folder (not under "path")."""
+    button = {"component": "button", "value": "x", "constructor_args": {"icon": secret},
+              "props": {}}
+    return [{**button, "type": "component"},
+            button,  # no "type": pydantic still reads it as a component message
+            {"type": "component", "component": "chatbot", "value": [], "props": {},
+             "constructor_args": {"avatar_images": [secret, secret]}},
+            {"type": "component", "component": "uploadbutton", "value": None, "props": {},
+             "constructor_args": {"icon": secret}}]
+
+
+def test_component_chat_messages_copy_no_server_file(public_ui, upload_root):
+    """Gradio builds a chat message's component from ``constructor_args``, whose file
+    arguments it copies from the system's temp folder into the upload folder, unchecked:
+    a 0.5 s request used to fill every visitor's quota. Each shape is refused (400), nothing
+    is copied and the upload folder's size is what it was."""
+    import tempfile
+
+    folder = upload_dir_of(upload_root, public_ui)
+    secret_bytes = os.urandom(200_000)
+    secret = Path(tempfile.gettempdir()) / f"thai-secret-{uuid.uuid4().hex}.png"
+    secret.write_bytes(secret_bytes)
+    try:
+        before = sum(p.stat().st_size for p in files_under(folder))
+        config = httpx.get(public_ui.url + "/ui/config").json()
+        deps = {d["api_name"]: d for d in config["dependencies"]}
+        for item in component_messages(str(secret)):
+            history = [{"role": "user", "content": [item]},
+                       {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+            for name in ("_pop_last_user_message_1", "lambda_15", "option_clicked"):
+                answer = call_function(public_ui.url, deps[name], [history], {})
+                assert answer.startswith("400") and "component_not_allowed" in answer, \
+                    (name, item, answer[:300])
+            # as a chat message's whole content, not inside a list, too
+            answer = call_function(public_ui.url, deps["_pop_last_user_message_1"],
+                                   [[{"role": "user", "content": item}]], {})
+            assert answer.startswith("400") and "component_not_allowed" in answer, answer[:300]
+        copied = [p for p in files_under(folder) if p.stat().st_size == len(secret_bytes)
+                  and p.read_bytes() == secret_bytes]
+        assert copied == []
+        assert sum(p.stat().st_size for p in files_under(folder)) == before
+        # An ordinary history (text and an uploaded file) still goes through.
+        r = httpx.post(f"{public_ui.url}{UI}/upload", files={"files": ("a.txt", b"hello")})
+        assert r.status_code == 200
+        (token,) = r.json()
+        answer = call_function(public_ui.url, deps["_pop_last_user_message_1"],
+                               [history_with(token)], {})
+        assert answer.startswith("200"), answer[:300]
+    finally:
+        secret.unlink()

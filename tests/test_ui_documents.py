@@ -421,12 +421,15 @@ def test_too_many_batches_at_once_are_refused(make, store):
     handlers.batches.max_running = 2
     path = upload(store, "a.csv", csv_bytes(["text"], [["ข่าวที่ฝนตกหนัก"]] * 10))
 
+    def visitor(name: str) -> SimpleNamespace:  # each session from its own address
+        return SimpleNamespace(session_hash=name, client=SimpleNamespace(host=f"10.0.0.{name}"))
+
     async def scenario():
-        tasks = [asyncio.ensure_future(collect(handlers.run_batch(path, "text", 20, 0.0, session(s))))
+        tasks = [asyncio.ensure_future(collect(handlers.run_batch(path, "text", 20, 0.0, visitor(s))))
                  for s in ("A", "B")]
         await _until(lambda: handlers.batches.running() == 2)
         with pytest.raises(gr.Error, match="busy"):
-            await collect(handlers.run_batch(path, "text", 20, 0.0, session("C")))
+            await collect(handlers.run_batch(path, "text", 20, 0.0, visitor("C")))
         for s in ("A", "B"):
             handlers.stop_batch(session(s))
         await asyncio.gather(*tasks)

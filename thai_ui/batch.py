@@ -4,8 +4,9 @@
 what anonymous visitors can make it do:
 
 - **one batch per browser session** at a time (:class:`BatchJobs`, keyed by Gradio's
-  session hash), and at most :data:`MAX_RUNNING_BATCHES` for everyone together (a script can
-  invent session hashes);
+  session hash), at most ``THAI_UI_BATCH_JOBS_PER_CLIENT`` per client (its address, or its
+  key when the UI is protected: a script can invent session hashes, not addresses), and at
+  most :data:`MAX_RUNNING_BATCHES` for everyone together;
 - **rows**: at most :data:`MAX_ROWS` per file (the command line has no limit);
 - **the engine**: every generation of every UI batch, the pieces of a long row included,
   takes one of a few slots shared by all UI batches (:class:`SlotLimitedEngine`): at most
@@ -121,6 +122,7 @@ class BatchJob:
     """One session's batch: what the progress display shows."""
 
     session: str
+    client: str = "-"  # who asked: api.security.client_identity of the request
     total: int = 0
     done: int = 0
     errors: int = 0
@@ -155,7 +157,8 @@ class BatchJob:
 
 
 class BatchBusy(Exception):
-    """``"session"``: this session already runs one; ``"server"``: too many run."""
+    """``"session"``: this session already runs one; ``"client"``: this client (in another
+    session) runs as many as it may; ``"server"``: too many run."""
 
     def __init__(self, scope: str):
         super().__init__(scope)
@@ -163,20 +166,25 @@ class BatchBusy(Exception):
 
 
 class BatchJobs:
-    """The running batches, by session."""
+    """The running batches, by session, bounded per client and in all."""
 
-    def __init__(self, max_running: int = MAX_RUNNING_BATCHES):
+    def __init__(self, max_running: int = MAX_RUNNING_BATCHES, per_client: int = 1):
         self.max_running = max_running
+        self.per_client = max(1, min(per_client, max_running))
         self._jobs: dict[str, BatchJob] = {}
 
-    def start(self, session: str) -> BatchJob:
-        """Register a batch for ``session`` (synchronously: two clicks cannot both pass)."""
+    def start(self, session: str, client: str = "-") -> BatchJob:
+        """Register a batch for ``session`` of ``client`` (synchronously: two clicks cannot
+        both pass)."""
         current = self._jobs.get(session)
         if current is not None and current.running:
             raise BatchBusy("session")
-        if sum(1 for job in self._jobs.values() if job.running) >= self.max_running:
+        running = [job for job in self._jobs.values() if job.running]
+        if sum(1 for job in running if job.client == client) >= self.per_client:
+            raise BatchBusy("client")
+        if len(running) >= self.max_running:
             raise BatchBusy("server")
-        job = BatchJob(session)
+        job = BatchJob(session, client)
         self._jobs[session] = job
         return job
 

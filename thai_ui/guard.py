@@ -19,13 +19,17 @@ Gradio and closes it in one place:
 - **Files**: a client may name a file only inside this process's upload
   folder (:class:`~thai_ui.uploads.UploadStore`): every ``"path"`` in an event's
   JSON is checked (and mapped from its ``upload/...`` token back to the real
-  path) before Gradio reads it, and ``file=`` serves only from there, with a
+  path) before Gradio reads it, chat messages may be text and files only (a
+  component message's ``constructor_args`` would name files Gradio copies
+  unchecked), and ``file=`` serves only from there, with a
   fixed set of response headers (Gradio's ranged responses copy the
   *request's* headers, ``Authorization`` and ``Cookie`` included, into the
   response).
 - **Uploads**: ``Content-Length`` is required (411) and checked against the
-  quota (507) before a byte is written (the app's body limit has already
-  answered 413 from it); the paths Gradio answers with are rewritten to tokens.
+  client's share (429, per address or key) and the whole quota (507) before a
+  byte is written (the app's body limit has already answered 413 from it); the
+  files are recorded as the client's, and the paths Gradio answers with are
+  rewritten to tokens.
 - **Cost**: every call (a POST) takes a token from the caller's bucket
   (per address, or per key when the UI is protected); an empty bucket is 429.
   Event payloads are parsed here with a depth limit, so a deeply nested body
@@ -223,11 +227,24 @@ class UIGuard:
         return rewriting_send
 
     def _map_files(self, value: Any) -> Any:
-        """Every ``{"path": ...}`` must be an upload of this process; tokens become real paths."""
+        """Every ``{"path": ...}`` must be an upload of this process; tokens become real paths.
+
+        Component messages are refused outright: Gradio builds the named component from the
+        client's ``constructor_args`` (``Chatbot._preprocess_content``), and a component's
+        own file arguments (``icon``, ``avatar_images``, a ``value`` that is a bare path...)
+        are copied into the upload folder from anywhere Gradio's output rule allows (the
+        system's temp folder), unchecked and past the quota. The UI's histories are text and
+        uploaded files only, so a chat message may be nothing else; the key is checked
+        wherever it appears (pydantic takes a dict without ``"type"`` as a component message
+        too).
+        """
         if isinstance(value, list):
             return [self._map_files(item) for item in value]
         if not isinstance(value, dict):
             return value
+        if "constructor_args" in value or value.get("type") == "component":
+            raise RefusedRequest(400, "Chat messages may hold only text and uploaded files.",
+                                 "component_not_allowed")
         mapped = {key: self._map_files(item) for key, item in value.items()}
         if "path" in mapped and mapped["path"] is not None:
             resolved = self.uploads.resolve(mapped["path"])
@@ -269,7 +286,16 @@ class UIGuard:
             length = None
         if length is None or length < 0:
             raise RefusedRequest(411, "Uploads need a Content-Length header.", "length_required")
-        if not self.uploads.has_room(length):
+        client = client_identity(scope)
+        full = self.uploads.room_for(client, length)
+        if full == "client":
+            retry = self.uploads.client_retry_after(client)
+            raise RefusedRequest(
+                429, f"Your uploads fill your share of the server's storage "
+                f"({self.uploads.client_quota_bytes:,} bytes at once); retry in {retry}s, "
+                "when your oldest file expires.", "client_upload_quota_exceeded",
+                {"Retry-After": str(retry)})
+        if full is not None:
             raise RefusedRequest(507, "The server's upload storage is full; try again later.",
                                  "upload_quota_exceeded", {"Retry-After": "60"})
         start: Message | None = None
@@ -282,14 +308,25 @@ class UIGuard:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
 
-        await self.app(scope, receive, capture)
-        if start is None:
-            raise RefusedRequest(500, "The upload failed.", "upload_failed")
-        body = b"".join(chunks)
+        with self.uploads.reserve(client, length):  # until its files are recorded below
+            await self.app(scope, receive, capture)
+            if start is None:
+                raise RefusedRequest(500, "The upload failed.", "upload_failed")
+            body = b"".join(chunks)
+            paths = None
+            if start["status"] == 200:
+                try:
+                    paths = [str(p) for p in json.loads(body)]
+                except (ValueError, TypeError):
+                    paths = None
+                for path in paths or ():
+                    self.uploads.record(client, path)
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         if start["status"] == 200:
             try:
-                body = json.dumps([self.uploads.token_for(p) for p in json.loads(body)]).encode()
+                if paths is None:
+                    raise ValueError("not a list of paths")
+                body = json.dumps([self.uploads.token_for(p) for p in paths]).encode()
             except (ValueError, TypeError):
                 log.warning("unexpected upload response from Gradio; not forwarded")
                 raise RefusedRequest(500, "The upload failed.", "upload_failed") from None

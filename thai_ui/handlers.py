@@ -10,7 +10,7 @@ closed tab) cancels the generations.
 
 Files (the summarize tab's document, the batch tab's table) are read only from
 the UI's upload folder and parsed in a separate process (:mod:`thai_ui.documents`);
-batches are bounded per session, in rows and in engine slots (:mod:`thai_ui.batch`),
+batches are bounded per session, per client, in rows and in engine slots (:mod:`thai_ui.batch`),
 and their result files are written into the upload folder, where the guard serves
 them and the sweeper removes them.
 """
@@ -39,6 +39,7 @@ from api.protocol import (
     SummarizeRequest,
     SummarizeResponse,
 )
+from api.security import client_identity
 from api.serving import Serving, SummaryOptions
 from api.text import is_blank
 from thai_ui.batch import (
@@ -79,13 +80,13 @@ class UIHandlers:
     """Bound methods used as Gradio event handlers."""
 
     def __init__(self, serving: Serving, *, uploads: UploadStore | None = None,
-                 upload_max_bytes: int | None = None):
+                 upload_max_bytes: int | None = None, batch_jobs_per_client: int = 1):
         self.serving = serving
         self.uploads = uploads  # files are read only from here
         self.upload_max_bytes = upload_max_bytes  # what one upload may be (the body limit)
         self.counter = TextCounter()
         self.files = FileWorker(serving.parse_pool)  # the app's, shared with the API
-        self.batches = BatchJobs()
+        self.batches = BatchJobs(per_client=batch_jobs_per_client)
         self.batch_slots = SharedSlots(lambda: batch_slots(self.engine.info.max_batch_size))
         self._batch_serving: Serving | None = None
         self._template: int | None = None
@@ -200,14 +201,14 @@ class UIHandlers:
     async def load_document(self, path: str | None, request: gr.Request = None) -> tuple[str, str]:
         """The summarize tab's file: its text for the (editable) text box, and a line
         naming the document (name, kind, pages, characters)."""
-        document = await self._read_document(path, tenant_of(request))
+        document = await self._read_document(path, _client_of(request))
         return document.text, document_markdown(document)
 
     async def summarize_file(self, path: str | None, max_tokens: float, temperature: float,
                              request: gr.Request = None) -> AsyncIterator[tuple[str, str]]:
         """For ``gradio_client``: a document's summary, streamed like :meth:`summarize`."""
         started = time.perf_counter()
-        document = await self._read_document(path, tenant_of(request))
+        document = await self._read_document(path, _client_of(request))
         suffix = " · " + document_markdown(document)
         async with aclosing(self._summary_updates(document.text, max_tokens, temperature,
                                                   started, suffix,
@@ -256,7 +257,7 @@ class UIHandlers:
         try:
             info = await self.files.run(table_info_job, str(resolved), resolved.name,
                                         self.document_max_bytes, MAX_ROWS,
-                                        client=tenant_of(request))
+                                        client=_client_of(request))
         except FileJobError as exc:
             raise file_error(exc.code, exc.message) from None
         rows = (f"มากกว่า / more than {MAX_ROWS:,} ⚠ (สูงสุด / at most {MAX_ROWS:,})"
@@ -271,15 +272,15 @@ class UIHandlers:
                         temperature: float, request: gr.Request = None
                         ) -> AsyncIterator[tuple[str, Any]]:
         """Stream (progress HTML, result file) while the table's rows are summarized."""
-        session = _session_of(request)
-        client = tenant_of(request)
+        session, client = _session_of(request), _client_of(request)
         resolved = self._uploaded(path)
         if not column:
             raise ui_error("choose_column")
         try:
-            job = self.batches.start(session)
+            job = self.batches.start(session, client)
         except BatchBusy as busy:
-            code = "batch_running" if busy.scope == "session" else "server_overloaded"
+            code = {"session": "batch_running", "client": "batch_client_busy"}.get(
+                busy.scope, "server_overloaded")
             raise ui_error(code) from None
         try:
             async with aclosing(self._batch_updates(job, resolved, str(column), max_tokens,
@@ -314,8 +315,10 @@ class UIHandlers:
             yield progress_html("stopped"), None
             return
         expected = 2 * path.stat().st_size + len(rows) * (options.max_tokens * 16 + 1024)
-        if self.uploads is None or not self.uploads.has_room(expected):
-            raise ui_error("upload_quota_exceeded")
+        full = self.uploads.room_for(job.client, expected) if self.uploads is not None else "server"
+        if full is not None:  # the result file counts in the client's share, like an upload
+            raise ui_error("client_upload_quota_exceeded" if full == "client"
+                           else "upload_quota_exceeded")
         job.total = len(rows)
         concurrency = batch_slots(self.engine.info.max_batch_size)
         job.task = asyncio.ensure_future(run_batch(
@@ -350,6 +353,7 @@ class UIHandlers:
                                      str(result), client=f"{client} results")
             except FileJobError as exc:
                 raise file_error(exc.code, exc.message) from None
+            self.uploads.record(job.client, result)
             note = ("ไฟล์ผลลัพธ์มีเฉพาะแถวที่เสร็จแล้ว / the result file holds the finished rows"
                     if state != "done" else "")
         if state == "failed":
@@ -489,6 +493,17 @@ def tenant_of(request: Any) -> str:
 def _session_of(request: Any) -> str:
     session = getattr(request, "session_hash", None)
     return str(session) if session else "-"
+
+
+def _client_of(request: Any) -> str:
+    """Who the event is for, as the UI guard counts clients (the key's label when the UI is
+    protected, else the address after the trusted-proxy step): the session hash is the
+    client's own invention, this is not."""
+    scope = getattr(getattr(request, "request", None), "scope", None)
+    if isinstance(scope, dict):
+        return client_identity(scope)
+    host = getattr(getattr(request, "client", None), "host", None) if request is not None else None
+    return f"ip-{host}" if host else "-"
 
 
 def _portable(results: list) -> list:

@@ -83,6 +83,14 @@ MESSAGES: dict[str, tuple[str, str]] = {
                       "A batch is already running on this page; wait for it or stop it first."),
     "upload_quota_exceeded": ("พื้นที่เก็บไฟล์ของเซิร์ฟเวอร์เต็ม กรุณาลองใหม่ภายหลัง",
                               "The server's file storage is full; try again later."),
+    "batch_client_busy": ("คุณมีงานสรุปไฟล์ที่กำลังทำงานอยู่แล้ว (ในแท็บหรือหน้าต่างอื่น) "
+                          "กรุณารอให้เสร็จหรือกดหยุดก่อน",
+                          "You already have a batch running (in another tab or window); wait "
+                          "for it or stop it first."),
+    "client_upload_quota_exceeded": ("ไฟล์ของคุณใช้พื้นที่เก็บไฟล์ครบส่วนของคุณแล้ว "
+                                     "กรุณาลองใหม่ภายหลัง",
+                                     "Your files fill your share of the server's file storage; "
+                                     "try again later."),
 }
 # Codes whose English explanation (the reader's own words) is worth adding to the message.
 DETAILED = frozenset({"context_length_exceeded", "max_tokens_too_large", "document_too_large",

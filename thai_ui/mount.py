@@ -64,7 +64,8 @@ def mount_ui(app: FastAPI) -> None:
     settings = app.state.settings
     server = settings.server
     uploads = UploadStore(server.ui_upload_dir or None, quota_bytes=server.ui_upload_quota_bytes,
-                          ttl_s=server.ui_upload_ttl_s, partial_ttl_s=3 * server.body_timeout_s)
+                          ttl_s=server.ui_upload_ttl_s, partial_ttl_s=3 * server.body_timeout_s,
+                          client_quota_bytes=server.ui_upload_bytes_per_client)
     uploads.prepare()  # before Gradio creates its app: it reads GRADIO_TEMP_DIR then
 
     app.add_middleware(FramePolicyMiddleware, prefix=UI_PATH, origins=server.frame_ancestors)
@@ -72,7 +73,8 @@ def mount_ui(app: FastAPI) -> None:
     # Uploads are files (documents, tables): the app's body limit for UPLOAD_ROUTE is
     # THAI_DOCUMENT_MAX_BYTES plus the form, as for /v1/summarize/document.
     handlers = UIHandlers(app.state.serving, uploads=uploads,
-                          upload_max_bytes=server.document_max_bytes)
+                          upload_max_bytes=server.document_max_bytes,
+                          batch_jobs_per_client=server.ui_batch_jobs_per_client)
     blocks = build_blocks(handlers, settings.model,
                           queue_max_size=server.ui_queue_max_size)
     gr.mount_gradio_app(app, blocks, path=UI_PATH, theme=build_theme(), css=build_css(),

@@ -17,6 +17,12 @@ Outputs (written one finished row at a time, flushed, so a kill loses only the r
     ``OUTPUT.progress.jsonl`` and the workbook is written from it (in input order) when the run
     ends or is interrupted; the sidecar is deleted once every row is done.
 
+  Result files are opened in spreadsheets, and their cells come from anyone (the input's rows,
+  the model's summaries): no text cell becomes a formula. In ``.csv`` a text starting with
+  ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'`` (OWASP's
+  CSV-injection advice); in ``.xlsx`` every text is written as a string cell
+  (:mod:`api.batch.cells`).
+
 Resume: a row whose key (custom_id, id column or row number) is in OUTPUT is not run again. A
 last line cut short by a kill is dropped (the file is truncated before it) and its row redone.
 """
@@ -37,6 +43,8 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+
+from api.batch.cells import csv_cell, csv_text, string_cells
 
 # The HTTP API's own wording of a validation error, so a bad row reads like a 400 from the route.
 from api.errors import _validation_message, error_body
@@ -484,7 +492,7 @@ class CsvSink:
         if not records:
             return resume
         first = records[0][1] or [""]
-        header = [first[0].removeprefix("\ufeff"), *first[1:]]
+        header = [csv_text(c) for c in [first[0].removeprefix("\ufeff"), *first[1:]]]
         if header != columns:
             raise BatchUsageError(f"{self.path} exists with other columns than this run writes "
                                   f"({', '.join(columns)}); give another OUTPUT or delete it")
@@ -492,7 +500,7 @@ class CsvSink:
         error_at = columns.index(self.table.error_column)
         for _, record in records[1:]:
             if len(record) == len(columns):
-                resume.keys.add(record[key_at])
+                resume.keys.add(csv_text(record[key_at]))
                 resume.failed += bool(record[error_at])
         return resume
 
@@ -504,7 +512,7 @@ class CsvSink:
 
     def _put(self, record: list[Any]) -> None:
         buffer = io.StringIO()
-        csv.writer(buffer).writerow(record)
+        csv.writer(buffer).writerow([csv_cell(value) for value in record])
         self._file.write(buffer.getvalue())  # one write per row: a kill cuts at most this one
         self._file.flush()
 
@@ -620,9 +628,10 @@ def write_workbook(path: Path, columns: list[str], sidecar: Path) -> None:
     records.sort(key=lambda r: r["row"])
     book = openpyxl.Workbook(write_only=True)
     sheet = book.create_sheet("results")
-    sheet.append(columns)
+    sheet.append(string_cells(sheet, [_xlsx_cell(c) for c in columns]))
     for r in records:
-        sheet.append([_xlsx_cell(v) for v in [r["row"], *r["values"], r["summary"], r["error"]]])
+        sheet.append(string_cells(sheet, [_xlsx_cell(v) for v in
+                                           [r["row"], *r["values"], r["summary"], r["error"]]]))
     partial = path.with_name(f".{path.name}.partial")
     book.save(partial)
     os.replace(partial, path)
