@@ -284,7 +284,7 @@ class UIHandlers:
             raise ui_error(code) from None
         try:
             async with aclosing(self._batch_updates(job, resolved, str(column), max_tokens,
-                                                    temperature, client)) as updates:
+                                                    temperature)) as updates:
                 async for update in updates:
                     yield update
         finally:
@@ -294,8 +294,7 @@ class UIHandlers:
             self.batches.finish(job)
 
     async def _batch_updates(self, job: BatchJob, path: Path, column: str, max_tokens: float,
-                             temperature: float, client: str = "-"
-                             ) -> AsyncIterator[tuple[str, Any]]:
+                             temperature: float) -> AsyncIterator[tuple[str, Any]]:
         if not self.engine.ready:  # every row would fail the same way
             failure = self.engine.failure()
             raise ui_error("model_load_failed" if failure else "model_not_ready")
@@ -350,7 +349,7 @@ class UIHandlers:
                 # the server's own output, not the visitor's file: not refused for the
                 # visitor's other jobs (its results would be lost)
                 await self.files.run(write_results_job, table, _portable(job.results), fmt,
-                                     str(result), client=f"{client} results")
+                                     str(result), client=f"{job.client} results")
             except FileJobError as exc:
                 raise file_error(exc.code, exc.message) from None
             self.uploads.record(job.client, result)
