@@ -307,7 +307,7 @@ class UIHandlers:
         try:
             table, rows, fmt = await self.files.run(
                 read_table_job, str(path), path.name, column, self.document_max_bytes, MAX_ROWS,
-                options.max_tokens, options.temperature, client=client)
+                options.max_tokens, options.temperature, client=job.client)
         except FileJobError as exc:
             raise file_error(exc.code, exc.message) from None
         if job.stopped:
