@@ -342,7 +342,10 @@ def document_security(app, server: ServerSettings) -> None:
 
 def install_access_control(app, settings) -> APIKeys:
     """Add the key check and the rate limit (call before CORS, which must run first)."""
+    from api.client_limits import install_client_limits  # it imports this module
+
     server: ServerSettings = settings.server
+    install_client_limits(app, settings)  # innermost of the three: it sees which keys were valid
     keys = APIKeys.from_settings(server)
     app.state.api_keys = keys
     if server.rate_limit_per_minute > 0:

@@ -1,0 +1,142 @@
+"""Anonymous and UI traffic gets a bounded share of the server, never all of it.
+
+uvicorn's ``limit_concurrency`` (``THAI_MAX_CONNECTIONS``) counts open connections
+and running requests together and answers 503 past it, whoever asks. The UI's
+Gradio heartbeat (``/ui/gradio_api/heartbeat/<session>``) and its event streams
+never end by themselves, so twenty anonymous sockets once made ``/health`` and a
+keyed ``/v1/models`` answer 503 on a server with twenty slots. Three bounds:
+
+- **Per connection** (:class:`api.http_protocol.GuardedHttpToolsProtocol`): one
+  client address holds at most ``THAI_MAX_CONNECTIONS_PER_CLIENT`` connections.
+- **Per request** (:class:`ClientShareMiddleware`, here): requests that are not
+  keyed API calls or probes (anonymous ones, and every UI request) may have at
+  most ``THAI_MAX_CONNECTIONS - THAI_RESERVED_CONNECTIONS`` in flight in all (then
+  503) and ``THAI_MAX_CONNECTIONS_PER_CLIENT`` per client (then 429): the client
+  is the one the trusted-proxy step settled on, so behind nginx, where every
+  connection comes from the proxy, it is still the real visitor. The reserve is
+  what keeps keyed API requests and ``/health`` answered.
+- **Per stream**: a streamed response to a request without an API key ends after
+  ``THAI_ANONYMOUS_STREAM_MAX_S``, cleanly (the last chunk is sent, the handler
+  is cancelled), so abandoned or hostile streams cannot hold a slot for ever.
+  Gradio 6.31's page does not reopen a heartbeat that ended; its session then
+  counts as closed (its ``unload`` handlers run), so the limit is generous.
+
+Refusals answer with ``Connection: close``: a refused client must not keep an
+idle connection, which would still count against ``THAI_MAX_CONNECTIONS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import anyio
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import error_body
+from api.security import PROBE_PATHS, client_identity, is_ui_path, route_path
+
+log = logging.getLogger("thai.http")
+
+
+def is_reserved(scope: Scope) -> bool:
+    """Probes and keyed API requests: what the reserve is kept for."""
+    path = route_path(scope)
+    if path in PROBE_PATHS:
+        return True
+    return bool(scope.get("state", {}).get("client_id")) and not is_ui_path(path)
+
+
+class ClientShareMiddleware:
+    """Bounds anonymous and UI requests in flight, in all and per client, and the life of
+    anonymous streams (see the module docstring). Pure ASGI: streams stay streams."""
+
+    def __init__(self, app: ASGIApp, *, public_slots: int, per_client: int, stream_max_s: float):
+        self.app = app
+        self.public_slots, self.per_client, self.stream_max_s = public_slots, per_client, stream_max_s
+        self.in_flight = 0
+        self.per_client_in_flight: Counter[str] = Counter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_reserved(scope):
+            await self.app(scope, receive, send)
+            return
+        client = client_identity(scope)
+        if self.per_client_in_flight[client] >= self.per_client:
+            await self._refuse(scope, receive, send, 429, "rate_limit_error", "too_many_requests_in_flight",
+                               f"This client already has {self.per_client} requests in progress, the "
+                               "limit per client (THAI_MAX_CONNECTIONS_PER_CLIENT).")
+            return
+        if self.in_flight >= self.public_slots:
+            await self._refuse(scope, receive, send, 503, "service_unavailable", "public_capacity_exhausted",
+                               f"The {self.public_slots} connections for anonymous and UI requests are "
+                               "all in use (THAI_MAX_CONNECTIONS minus THAI_RESERVED_CONNECTIONS); "
+                               "retry shortly.")
+            return
+        self.in_flight += 1
+        self.per_client_in_flight[client] += 1
+        try:
+            if scope.get("state", {}).get("client_id"):
+                await self.app(scope, receive, send)
+            else:
+                await self._with_stream_deadline(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            self.per_client_in_flight[client] -= 1
+            if self.per_client_in_flight[client] <= 0:
+                del self.per_client_in_flight[client]
+
+    async def _with_stream_deadline(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; a streamed response (no Content-Length) still going
+        ``stream_max_s`` after it started is ended: the app is cancelled and the
+        response completed with an empty last chunk."""
+        streaming = anyio.Event()
+        started = ended = expired = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started, ended
+            if expired or ended:
+                return  # the deadline ended the response: the app's last words are dropped
+            if message["type"] == "http.response.start":
+                started = True
+                if not any(name.lower() == b"content-length" for name, _ in message.get("headers", [])):
+                    streaming.set()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            await send(message)
+
+        async with anyio.create_task_group() as group:
+            async def watchdog() -> None:
+                nonlocal expired
+                await streaming.wait()
+                await anyio.sleep(self.stream_max_s)
+                expired = True
+                group.cancel_scope.cancel()
+
+            group.start_soon(watchdog)
+            try:
+                await self.app(scope, receive, guarded_send)
+            finally:
+                group.cancel_scope.cancel()  # the app is done: so is the watchdog
+        if expired and started and not ended:
+            log.info("%s: anonymous stream ended after %gs (THAI_ANONYMOUS_STREAM_MAX_S)",
+                     route_path(scope), self.stream_max_s)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, kind: str, code: str,
+                      message: str) -> None:
+        body = error_body(status, message, kind, None, code)
+        await JSONResponse(body, status_code=status,
+                           headers={"Retry-After": "1", "Connection": "close"})(scope, receive, send)
+
+
+def install_client_limits(app, settings) -> None:
+    """Add :class:`ClientShareMiddleware`; call before the key check is added, so that it
+    runs inside it and knows which requests carry a valid key."""
+    server = settings.server
+    app.add_middleware(ClientShareMiddleware,
+                       public_slots=server.max_connections - server.reserved_connections,
+                       per_client=server.max_connections_per_client,
+                       stream_max_s=server.anonymous_stream_max_s)

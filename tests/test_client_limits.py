@@ -1,0 +1,152 @@
+"""Anonymous never-ending streams against a small server: the UI's Gradio heartbeat never
+ends, and uvicorn's ``limit_concurrency`` counts it. With 20 slots, 20 anonymous sockets
+once made ``/health`` and keyed ``/v1/models`` answer 503. Attacked over raw sockets from
+one loopback address, the keyed user and the probe coming from another (127.0.0.2).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.support import ServerProcess, start_server
+
+KEY = "client-limits-key-0123456789"
+MAX_CONNECTIONS = 20
+PER_CLIENT = 16
+RESERVED = 4
+STREAM_MAX_S = 20.0
+HEARTBEAT = "/ui/gradio_api/heartbeat/attacker{}"
+
+
+@pytest.fixture(scope="module")
+def small_server(model_env, tmp_path_factory):
+    env = {**model_env, "THAI_API_KEYS": KEY, "THAI_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+           "THAI_MAX_CONNECTIONS_PER_CLIENT": str(PER_CLIENT),
+           "THAI_RESERVED_CONNECTIONS": str(RESERVED),
+           "THAI_ANONYMOUS_STREAM_MAX_S": str(STREAM_MAX_S), "THAI_HEADER_TIMEOUT_S": "30",
+           "THAI_UI_RATE_LIMIT_PER_MINUTE": "0", "THAI_RATE_LIMIT_PER_MINUTE": "0",
+           "OMP_NUM_THREADS": "1"}
+    server = start_server(env, tmp_path_factory.mktemp("client-limits"))
+    yield server
+    server.stop()
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    rest: bytes  # what came after the head
+
+
+def open_socket(server: ServerProcess, source: str) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0))
+    return sock
+
+
+def read_head(sock: socket.socket, timeout: float = 20) -> Answer:
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            raise EOFError(f"closed before a response: {data[:200]!r}")
+        data += piece
+    head, rest = data.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return Answer(int(status_line.split()[1]), headers, rest)
+
+
+def heartbeat(server: ServerProcess, source: str, n: int) -> tuple[socket.socket, Answer]:
+    sock = open_socket(server, source)
+    sock.sendall(f"GET {HEARTBEAT.format(n)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return sock, read_head(sock)
+
+
+def body_json(sock: socket.socket, answer: Answer) -> dict:
+    size = int(answer.headers["content-length"])
+    data = answer.rest
+    while len(data) < size:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    return json.loads(data[:size])
+
+
+def still_streaming(sock: socket.socket) -> bool:
+    """True while the server has neither ended the chunked stream nor closed the socket."""
+    sock.settimeout(0.05)
+    try:
+        data = sock.recv(65536)
+    except TimeoutError:
+        return True
+    return bool(data) and b"\r\n0\r\n\r\n" not in data
+
+
+def test_heartbeat_flood_from_one_address_leaves_health_and_keyed_api_answered(small_server):
+    held: list[socket.socket] = []
+    try:
+        statuses, codes = [], []
+        for n in range(MAX_CONNECTIONS + 4):  # more sockets than the server has slots
+            sock, answer = heartbeat(small_server, "127.0.0.1", n)
+            statuses.append(answer.status)
+            if answer.status == 200:
+                assert answer.headers["content-type"].startswith("text/event-stream")
+                held.append(sock)
+            else:
+                codes.append(body_json(sock, answer)["error"]["code"])
+                sock.close()
+        # The first PER_CLIENT sockets stream; the 17th and every later one is refused.
+        assert statuses[:PER_CLIENT] == [200] * PER_CLIENT
+        assert statuses[PER_CLIENT:] == [429] * (len(statuses) - PER_CLIENT)
+        assert set(codes) == {"too_many_connections"}
+
+        probe = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+        with probe:
+            assert probe.get(small_server.url + "/health").status_code == 200
+            models = probe.get(small_server.url + "/v1/models",
+                               headers={"Authorization": f"Bearer {KEY}"})
+            assert models.status_code == 200 and models.json()["data"]
+            # Another anonymous address finds the anonymous share (20 - 4 reserved) full...
+            sock, answer = heartbeat(small_server, "127.0.0.3", 999)
+            assert answer.status == 503 and answer.headers.get("connection") == "close"
+            assert body_json(sock, answer)["error"]["code"] == "public_capacity_exhausted"
+            sock.close()
+            # ...and the reserve still answers the keyed user and the probe.
+            assert probe.get(small_server.url + "/health").status_code == 200
+            assert probe.get(small_server.url + "/v1/models",
+                             headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert all(still_streaming(sock) for sock in held), "streams ended before the checks"
+    finally:
+        for sock in held:
+            sock.close()
+    # Closed sockets give their slots back: the address may connect again.
+    deadline = time.monotonic() + 20
+    while True:
+        sock, answer = heartbeat(small_server, "127.0.0.1", 1000)
+        sock.close()
+        if answer.status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert answer.status == 200
+
+
+def test_anonymous_stream_ends_cleanly_after_its_lifetime(small_server):
+    """The heartbeat is ended with a proper last chunk (httpx raises on a cut stream)."""
+    started = time.monotonic()
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"),
+                      timeout=STREAM_MAX_S + 60) as client:
+        with client.stream("GET", small_server.url + HEARTBEAT.format("life")) as response:
+            assert response.status_code == 200
+            body = b"".join(response.iter_bytes())
+    assert body.startswith(b"data: ALIVE")
+    assert time.monotonic() - started >= STREAM_MAX_S - 1  # it was not refused or cut early
+    assert "anonymous stream ended after" in small_server.log()
