@@ -11,8 +11,8 @@ keyed ``/v1/models`` answer 503 on a server with twenty slots. Three bounds:
 - **Per request** (:class:`ClientShareMiddleware`, here): requests that are not
   keyed API calls or probes (anonymous ones, and every UI request) may have at
   most ``THAI_MAX_CONNECTIONS - THAI_RESERVED_CONNECTIONS`` in flight in all (then
-  503) and ``THAI_MAX_CONNECTIONS_PER_CLIENT`` per client (then 429): the client
-  is the one the trusted-proxy step settled on, so behind nginx, where every
+  503) and ``THAI_MAX_CONNECTIONS_PER_CLIENT`` per client address (then 429): the
+  address is the one the trusted-proxy step settled on, so behind nginx, where every
   connection comes from the proxy, it is still the real visitor. The reserve is
   what keeps keyed API requests and ``/health`` answered.
 - **Per stream**: a streamed response to a request without an API key ends after
@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
-from api.security import PROBE_PATHS, client_identity, is_ui_path, route_path
+from api.security import PROBE_PATHS, client_address, is_ui_path, route_path
 
 log = logging.getLogger("thai.http")
 
@@ -62,7 +62,8 @@ class ClientShareMiddleware:
         if scope["type"] != "http" or is_reserved(scope):
             await self.app(scope, receive, send)
             return
-        client = client_identity(scope)
+        # The address, not the key: a team sharing one key for the protected UI is many clients.
+        client = client_address(scope)
         if self.per_client_in_flight[client] >= self.per_client:
             await self._refuse(scope, receive, send, 429, "rate_limit_error", "too_many_requests_in_flight",
                                f"This client already has {self.per_client} requests in progress, the "

@@ -150,3 +150,97 @@ def test_anonymous_stream_ends_cleanly_after_its_lifetime(small_server):
     assert body.startswith(b"data: ALIVE")
     assert time.monotonic() - started >= STREAM_MAX_S - 1  # it was not refused or cut early
     assert "anonymous stream ended after" in small_server.log()
+
+
+# --- in-process: behind the trusted proxy every connection comes from it ------------------------
+
+
+def _scope(path: str, forwarded_for: str | None, peer: str = "127.0.0.1") -> dict:
+    headers = [(b"host", b"thai.example")]
+    if forwarded_for:
+        headers.append((b"x-forwarded-for", forwarded_for.encode()))
+    return {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(),
+            "root_path": "", "query_string": b"", "headers": headers, "client": (peer, 40000),
+            "server": ("127.0.0.1", 8001), "scheme": "http", "http_version": "1.1",
+            "asgi": {"version": "3.0"}}
+
+
+def test_behind_the_proxy_each_forwarded_client_has_its_own_bound():
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from api.client_limits import ClientShareMiddleware
+    from api.middleware import TrustedProxyMiddleware
+
+    async def forever(request):
+        async def beats():
+            while True:
+                yield "data: ALIVE\n\n"
+                await asyncio.sleep(0.05)
+        return StreamingResponse(beats(), media_type="text/event-stream")
+
+    async def health(request):
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/ui/heartbeat", forever), Route("/health", health)])
+    shares = ClientShareMiddleware(inner, public_slots=5, per_client=2, stream_max_s=3600)
+    app = TrustedProxyMiddleware(shares, trusted=["127.0.0.1"])
+
+    async def request(path: str, forwarded_for: str | None):
+        status = asyncio.get_running_loop().create_future()
+
+        async def receive():
+            await asyncio.Event().wait()  # never disconnects by itself
+
+        async def send(message):
+            if message["type"] == "http.response.start" and not status.done():
+                status.set_result(message["status"])
+
+        task = asyncio.ensure_future(app(_scope(path, forwarded_for), receive, send))
+        return await asyncio.wait_for(status, 10), task
+
+    async def attack() -> list[int]:
+        tasks, statuses = [], []
+        for forwarded in ("203.0.113.5", "203.0.113.5", "203.0.113.5",  # third: over 2
+                          "203.0.113.6", "203.0.113.7", "203.0.113.8",  # 5 slots in all
+                          "203.0.113.9"):                                # share full
+            status, task = await request("/ui/heartbeat", forwarded)
+            statuses.append(status)
+            tasks.append(task)
+        statuses.append((await request("/health", "203.0.113.9"))[0])  # the reserve's
+        assert shares.in_flight == 5
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert shares.in_flight == 0 and not shares.per_client_in_flight
+        return statuses
+
+    assert asyncio.run(attack()) == [200, 200, 429, 200, 200, 200, 503, 200]
+
+
+def test_trusted_proxies_are_exempt_from_the_connection_count():
+    from api.http_protocol import guarded_protocol
+    from api.settings import ServerSettings
+
+    bound = guarded_protocol(ServerSettings(forwarded_allow_ips=["127.0.0.1"], max_connections=100,
+                                            max_connections_per_client=10))
+    assert bound.max_connections_per_client == 10
+    assert "127.0.0.1" in bound.exempt_addresses and "203.0.113.5" not in bound.exempt_addresses
+    other = guarded_protocol(ServerSettings())
+    assert other.connections_per_address is not bound.connections_per_address  # one per server
+
+
+def test_connection_shares_fit_below_the_connection_limit():
+    from api.settings import ServerSettings, SettingsError, Settings
+
+    small = ServerSettings(max_connections=20)
+    assert small.reserved_connections == 8 and small.max_connections_per_client == 12
+    tiny = ServerSettings(max_connections=4)
+    assert tiny.reserved_connections == 1 and tiny.max_connections_per_client == 3
+    for bad in ({"max_connections": 20, "max_connections_per_client": 18},
+                {"max_connections": 20, "reserved_connections": 20}):
+        with pytest.raises(SettingsError, match="THAI_"):
+            Settings.from_overrides(bad)

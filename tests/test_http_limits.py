@@ -31,7 +31,9 @@ MIB = 1024 * 1024
 def server(model_env):
     env = {**model_env, "THAI_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
            "THAI_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "THAI_ENABLE_UI": "false",
-           "THAI_RATE_LIMIT_PER_MINUTE": "0", "THAI_ACCESS_LOG": "false", "OMP_NUM_THREADS": "1"}
+           "THAI_RATE_LIMIT_PER_MINUTE": "0", "THAI_ACCESS_LOG": "false", "OMP_NUM_THREADS": "1",
+           # Twenty attack sockets from one address below: not what this module measures.
+           "THAI_MAX_CONNECTIONS_PER_CLIENT": "64"}
     proc = start_server(env, ARTIFACTS / "http-limits")
     yield proc
     proc.stop()
