@@ -27,10 +27,10 @@ idle connection, which would still count against ``THAI_MAX_CONNECTIONS``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 
-import anyio
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -92,7 +92,7 @@ class ClientShareMiddleware:
         """Run the app; a streamed response (no Content-Length) still going
         ``stream_max_s`` after it started is ended: the app is cancelled and the
         response completed with an empty last chunk."""
-        streaming = anyio.Event()
+        streaming = asyncio.Event()
         started = ended = expired = False
 
         async def guarded_send(message: Message) -> None:
@@ -107,19 +107,28 @@ class ClientShareMiddleware:
                 ended = True
             await send(message)
 
-        async with anyio.create_task_group() as group:
-            async def watchdog() -> None:
-                nonlocal expired
-                await streaming.wait()
-                await anyio.sleep(self.stream_max_s)
-                expired = True
-                group.cancel_scope.cancel()
+        # A plain task, not an anyio task group: a group would wrap what the app raises
+        # (a 413 from the body limit, say) in an ExceptionGroup the outer guards miss.
+        task = asyncio.current_task()
 
-            group.start_soon(watchdog)
-            try:
-                await self.app(scope, receive, guarded_send)
-            finally:
-                group.cancel_scope.cancel()  # the app is done: so is the watchdog
+        async def watchdog() -> None:
+            nonlocal expired
+            await streaming.wait()
+            await asyncio.sleep(self.stream_max_s)
+            if not ended:
+                expired = True
+                task.cancel()
+
+        dog = asyncio.ensure_future(watchdog())
+        try:
+            await self.app(scope, receive, guarded_send)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+        finally:
+            dog.cancel()
+            if expired:
+                task.uncancel()  # our own cancellation, handled: not the server's
         if expired and started and not ended:
             log.info("%s: anonymous stream ended after %gs (THAI_ANONYMOUS_STREAM_MAX_S)",
                      route_path(scope), self.stream_max_s)
