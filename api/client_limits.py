@@ -15,11 +15,13 @@ keyed ``/v1/models`` answer 503 on a server with twenty slots. Three bounds:
   address is the one the trusted-proxy step settled on, so behind nginx, where every
   connection comes from the proxy, it is still the real visitor. The reserve is
   what keeps keyed API requests and ``/health`` answered.
-- **Per stream**: a streamed response to a request without an API key ends after
-  ``THAI_ANONYMOUS_STREAM_MAX_S``, cleanly (the last chunk is sent, the handler
-  is cancelled), so abandoned or hostile streams cannot hold a slot for ever.
-  Gradio 6.31's page does not reopen a heartbeat that ended; its session then
-  counts as closed (its ``unload`` handlers run), so the limit is generous.
+- **Per stream**: a streamed response to a request without an API key that is
+  older than ``THAI_ANONYMOUS_STREAM_MAX_S`` is ended, cleanly (the last chunk is
+  sent, the handler cancelled), once anonymous and UI requests fill three
+  quarters of their share: abandoned or hostile streams then give their slots to
+  newcomers. Not before: Gradio 6.31's page never reopens a heartbeat that ended,
+  and Gradio takes its end for a closed tab (its ``unload`` handlers run, which
+  cancel the tab's batch), so a quiet server leaves a long batch alone.
 
 Refusals answer with ``Connection: close``: a refused client must not keep an
 idle connection, which would still count against ``THAI_MAX_CONNECTIONS``.
@@ -48,6 +50,9 @@ def is_reserved(scope: Scope) -> bool:
     return bool(scope.get("state", {}).get("client_id")) and not is_ui_path(path)
 
 
+PRESSURE_CHECK_S = 1.0  # how often an over-age stream looks whether its slot is wanted
+
+
 class ClientShareMiddleware:
     """Bounds anonymous and UI requests in flight, in all and per client, and the life of
     anonymous streams (see the module docstring). Pure ASGI: streams stay streams."""
@@ -56,6 +61,7 @@ class ClientShareMiddleware:
         self.app = app
         self.public_slots, self.per_client, self.stream_max_s = public_slots, per_client, stream_max_s
         self.in_flight = 0
+        self.pressure = max(1, public_slots * 3 // 4)  # in flight: over-age streams are ended
         self.per_client_in_flight: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,10 +96,11 @@ class ClientShareMiddleware:
 
     async def _with_stream_deadline(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app; a streamed response (no Content-Length) still going
-        ``stream_max_s`` after it started is ended: the app is cancelled and the
-        response completed with an empty last chunk."""
+        ``stream_max_s`` after it started is ended once the share is under pressure:
+        the app is cancelled and the response completed with an empty last chunk."""
         streaming = asyncio.Event()
         started = ended = expired = False
+        path = route_path(scope)  # before a mounted app rewrites the scope
 
         async def guarded_send(message: Message) -> None:
             nonlocal started, ended
@@ -115,6 +122,8 @@ class ClientShareMiddleware:
             nonlocal expired
             await streaming.wait()
             await asyncio.sleep(self.stream_max_s)
+            while not ended and self.in_flight < self.pressure:
+                await asyncio.sleep(PRESSURE_CHECK_S)
             if not ended:
                 expired = True
                 task.cancel()
@@ -130,8 +139,9 @@ class ClientShareMiddleware:
             if expired:
                 task.uncancel()  # our own cancellation, handled: not the server's
         if expired and started and not ended:
-            log.info("%s: anonymous stream ended after %gs (THAI_ANONYMOUS_STREAM_MAX_S)",
-                     route_path(scope), self.stream_max_s)
+            log.info("%s: anonymous stream ended: older than %gs while anonymous and UI requests "
+                     "fill their share (THAI_ANONYMOUS_STREAM_MAX_S)", path,
+                     self.stream_max_s)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod

@@ -366,9 +366,11 @@ class ServerSettings(BaseSettings):
     )
     anonymous_stream_max_s: float = Field(
         600.0, ge=1, le=7 * 86400,
-        description="Longest life, in seconds, of a streamed response to a request without an "
-        "API key (the UI's heartbeat and event streams, an anonymous API stream): it is ended "
-        "cleanly then, so abandoned or hostile streams do not hold a connection for ever.",
+        description="Age, in seconds, past which a streamed response to a request without an "
+        "API key (the UI's heartbeat and event streams, an anonymous API stream) is ended, "
+        "cleanly, once anonymous and UI requests fill three quarters of their share "
+        "(max_connections minus reserved_connections): abandoned or hostile streams give "
+        "their slots to newcomers; a quiet server leaves long UI sessions alone.",
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

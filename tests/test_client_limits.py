@@ -139,17 +139,28 @@ def test_heartbeat_flood_from_one_address_leaves_health_and_keyed_api_answered(s
     assert answer.status == 200
 
 
-def test_anonymous_stream_ends_cleanly_after_its_lifetime(small_server):
-    """The heartbeat is ended with a proper last chunk (httpx raises on a cut stream)."""
-    started = time.monotonic()
-    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"),
-                      timeout=STREAM_MAX_S + 60) as client:
-        with client.stream("GET", small_server.url + HEARTBEAT.format("life")) as response:
-            assert response.status_code == 200
-            body = b"".join(response.iter_bytes())
+def test_old_anonymous_streams_end_cleanly_when_their_share_is_busy(small_server):
+    """With three quarters of the anonymous share (12 of 16) in use, streams older than the
+    lifetime are ended, oldest first, until it is not: the first one opened ends, with a
+    proper last chunk (httpx raises on a cut stream)."""
+    busy = []
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"),
+                          timeout=STREAM_MAX_S + 60) as client:
+            started = time.monotonic()
+            with client.stream("GET", small_server.url + HEARTBEAT.format("life")) as response:
+                assert response.status_code == 200
+                for n in range(12):  # younger streams: the share is busy
+                    sock, answer = heartbeat(small_server, "127.0.0.5", 2000 + n)
+                    assert answer.status == 200
+                    busy.append(sock)
+                body = b"".join(response.iter_bytes())
+    finally:
+        for sock in busy:
+            sock.close()
     assert body.startswith(b"data: ALIVE")
-    assert time.monotonic() - started >= STREAM_MAX_S - 1  # it was not refused or cut early
-    assert "anonymous stream ended after" in small_server.log()
+    assert time.monotonic() - started >= STREAM_MAX_S - 1  # not refused, not cut early
+    assert "heartbeat/attackerlife: anonymous stream ended: older than" in small_server.log()
 
 
 # --- in-process: behind the trusted proxy every connection comes from it ------------------------
@@ -219,6 +230,44 @@ def test_behind_the_proxy_each_forwarded_client_has_its_own_bound():
         return statuses
 
     assert asyncio.run(attack()) == [200, 200, 429, 200, 200, 200, 503, 200]
+
+
+def test_old_streams_are_left_alone_while_the_share_is_quiet():
+    import asyncio
+
+    from starlette.responses import StreamingResponse
+
+    from api.client_limits import ClientShareMiddleware
+
+    async def forever(scope, receive, send):
+        async def beats():
+            while True:
+                yield "data: ALIVE\n\n"
+                await asyncio.sleep(0.02)
+        await StreamingResponse(beats(), media_type="text/event-stream")(scope, receive, send)
+
+    async def run(public_slots: int) -> list[dict]:
+        shares = ClientShareMiddleware(forever, public_slots=public_slots, per_client=8,
+                                       stream_max_s=0.1)
+        sent: list[dict] = []
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        async def send(message):
+            sent.append(message)
+
+        task = asyncio.ensure_future(shares(_scope("/ui/heartbeat", None), receive, send))
+        while not any(m.get("more_body") is False for m in sent) and len(sent) < 200:
+            await asyncio.sleep(0.01)  # bounded: 200 pieces of 20 ms
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return sent
+
+    quiet = asyncio.run(run(public_slots=8))  # 1 of 8 in flight: no pressure
+    assert not any(m.get("more_body") is False for m in quiet) and len(quiet) >= 200
+    busy = asyncio.run(run(public_slots=1))  # 1 of 1: over age, ended with a last chunk
+    assert busy[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 def test_trusted_proxies_are_exempt_from_the_connection_count():
