@@ -374,9 +374,10 @@ class ServerSettings(BaseSettings):
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Host names (optionally host:port) this server answers to, comma separated; "
-        "requests naming another Host get HTTP 400, so the UI's own URLs never follow a forged "
-        "Host. Empty: any Host is answered.",
+        description="Host names this server answers to (host, host:port or *.domain, comma "
+        "separated; a trusted proxy's X-Forwarded-Host is the one checked); requests naming "
+        "another get HTTP 400, /health, /ready and /metrics excepted. Empty: any Host is "
+        "answered (the UI's root URL is relative either way).",
     )
 
     @field_validator("api_keys", mode="before")
