@@ -92,7 +92,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # are ``in exempt_addresses`` (the trusted proxies) are not counted.
     max_connections_per_client: int | None = None
     connections_per_address: dict[str, int] | None = None
-    addresses_at_limit: set[str] = set()  # noqa: RUF012 - replaced per server by guarded_protocol
+    addresses_at_limit: set[str] = set()  # replaced per server by guarded_protocol
     exempt_addresses: object = frozenset()
 
     def __init__(self, *args, **kwargs) -> None:

@@ -164,3 +164,28 @@ def test_ui_root_is_relative_and_unknown_hosts_are_refused(protected):
         assert "evil" not in r.text
     # Probes answer whatever Host a health checker uses.
     assert httpx.get(protected.url + "/health", headers={"Host": "10.1.2.3"}).status_code == 200
+
+
+def test_foreign_origin_rules():
+    from api.security import foreign_origin
+
+    allowed = frozenset({PORTAL})
+
+    def check(**headers: str) -> str | None:
+        scope = {"headers": [(k.replace("_", "-").lower().encode(), v.encode())
+                             for k, v in headers.items()]}
+        return foreign_origin(scope, allowed)
+
+    assert check(host="thai.example", origin="https://thai.example") is None
+    assert check(host="thai.example", origin="https://thai.example:443") is None
+    assert check(host="thai.example:8001", origin="http://thai.example:8001") is None
+    assert check(host="127.0.0.1:8001", x_forwarded_host="public.example",
+                 origin="https://public.example") is None  # behind the trusted proxy
+    assert check(host="thai.example", origin=PORTAL + "/") is None
+    assert check(host="thai.example", referer="https://thai.example/ui/?x=1") is None
+    assert check(host="thai.example") is None  # nothing says: not a browser's cross-site post
+    assert check(host="thai.example", origin="https://evil.example") == "https://evil.example"
+    assert check(host="thai.example", origin="http://thai.example:8080") is not None
+    assert check(host="thai.example", origin="null") == "null"
+    assert check(host="thai.example", sec_fetch_site="cross-site") == "cross-site"
+    assert check(host="thai.example", referer="https://evil.example/a") == "https://evil.example"
