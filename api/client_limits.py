@@ -9,7 +9,8 @@ keyed ``/v1/models`` answer 503 on a server with twenty slots. Three bounds:
 - **Per connection** (:class:`api.http_protocol.GuardedHttpToolsProtocol`): one
   client address holds at most ``THAI_MAX_CONNECTIONS_PER_CLIENT`` connections.
 - **Per request** (:class:`ClientShareMiddleware`, here): requests that are not
-  keyed API calls or probes (anonymous ones, and every UI request) may have at
+  keyed API calls or probes (anonymous ones, and the UI's calls and streams under
+  ``/ui/gradio_api/``; its page and static files are not counted) may have at
   most ``THAI_MAX_CONNECTIONS - THAI_RESERVED_CONNECTIONS`` in flight in all (then
   503) and ``THAI_MAX_CONNECTIONS_PER_CLIENT`` per client address (then 429): the
   address is the one the trusted-proxy step settled on, so behind nginx, where every
@@ -42,12 +43,19 @@ from api.security import PROBE_PATHS, client_address, is_ui_path, route_path
 log = logging.getLogger("thai.http")
 
 
-def is_reserved(scope: Scope) -> bool:
-    """Probes and keyed API requests: what the reserve is kept for."""
+UI_CALLS = "/ui/gradio_api/"  # Gradio's calls and streams, the heartbeat among them
+
+
+def is_uncounted(scope: Scope) -> bool:
+    """Probes and keyed API requests (what the reserve is kept for), and the UI's page and
+    static files: a browser loading the page over HTTP/2 asks for dozens of script chunks
+    at once, each answered at once from a file."""
     path = route_path(scope)
     if path in PROBE_PATHS:
         return True
-    return bool(scope.get("state", {}).get("client_id")) and not is_ui_path(path)
+    if is_ui_path(path):
+        return scope.get("method") in ("GET", "HEAD") and not path.startswith(UI_CALLS)
+    return bool(scope.get("state", {}).get("client_id"))
 
 
 PRESSURE_CHECK_S = 1.0  # how often an over-age stream looks whether its slot is wanted
@@ -65,7 +73,7 @@ class ClientShareMiddleware:
         self.per_client_in_flight: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_reserved(scope):
+        if scope["type"] != "http" or is_uncounted(scope):
             await self.app(scope, receive, send)
             return
         # The address, not the key: a team sharing one key for the protected UI is many clients.

@@ -196,7 +196,7 @@ def test_behind_the_proxy_each_forwarded_client_has_its_own_bound():
     async def health(request):
         return PlainTextResponse("ok")
 
-    inner = Starlette(routes=[Route("/ui/heartbeat", forever), Route("/health", health)])
+    inner = Starlette(routes=[Route("/ui/gradio_api/heartbeat", forever), Route("/health", health)])
     shares = ClientShareMiddleware(inner, public_slots=5, per_client=2, stream_max_s=3600)
     app = TrustedProxyMiddleware(shares, trusted=["127.0.0.1"])
 
@@ -218,10 +218,11 @@ def test_behind_the_proxy_each_forwarded_client_has_its_own_bound():
         for forwarded in ("203.0.113.5", "203.0.113.5", "203.0.113.5",  # third: over 2
                           "203.0.113.6", "203.0.113.7", "203.0.113.8",  # 5 slots in all
                           "203.0.113.9"):                                # share full
-            status, task = await request("/ui/heartbeat", forwarded)
+            status, task = await request("/ui/gradio_api/heartbeat", forwarded)
             statuses.append(status)
             tasks.append(task)
         statuses.append((await request("/health", "203.0.113.9"))[0])  # the reserve's
+        statuses.append((await request("/ui/assets/index.js", "203.0.113.9"))[0])  # uncounted
         assert shares.in_flight == 5
         for task in tasks:
             task.cancel()
@@ -229,7 +230,7 @@ def test_behind_the_proxy_each_forwarded_client_has_its_own_bound():
         assert shares.in_flight == 0 and not shares.per_client_in_flight
         return statuses
 
-    assert asyncio.run(attack()) == [200, 200, 429, 200, 200, 200, 503, 200]
+    assert asyncio.run(attack()) == [200, 200, 429, 200, 200, 200, 503, 200, 404]
 
 
 def test_old_streams_are_left_alone_while_the_share_is_quiet():
@@ -257,7 +258,7 @@ def test_old_streams_are_left_alone_while_the_share_is_quiet():
         async def send(message):
             sent.append(message)
 
-        task = asyncio.ensure_future(shares(_scope("/ui/heartbeat", None), receive, send))
+        task = asyncio.ensure_future(shares(_scope("/ui/gradio_api/heartbeat", None), receive, send))
         while not any(m.get("more_body") is False for m in sent) and len(sent) < 200:
             await asyncio.sleep(0.01)  # bounded: 200 pieces of 20 ms
         task.cancel()
