@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from api.http_protocol import guarded_protocol
     from api.lifecycle import DrainingServer
+    from api.log_streams import route_std_streams_to_logging
     from api.middleware import install_log_sanitizer, install_request_id_logging
     from api.server import create_app
 
@@ -56,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
                             timeout_graceful_shutdown=5)  # after the drain (THAI_DRAIN_TIMEOUT_S)
     server = DrainingServer(config, app)
     app.state.shutdown_hook = lambda: setattr(server, "should_exit", True)
-    server.run()
+    # What Gradio and other libraries print (tracebacks with request text in them) becomes
+    # log records too: escaped, cut and prefixed like every other line.
+    streams = sys.stdout, sys.stderr
+    route_std_streams_to_logging()
+    try:
+        server.run()
+    finally:
+        sys.stdout, sys.stderr = streams
     if app.state.fatal_error:
         print(f"error: {app.state.fatal_error}", file=sys.stderr)
         return 1

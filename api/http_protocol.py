@@ -19,7 +19,12 @@ bytes and the header fields of each request head and answers ``431`` past
 ``THAI_MAX_HEADER_BYTES`` / ``THAI_MAX_HEADERS``, and ``408`` when a head is not
 complete within ``THAI_HEADER_TIMEOUT_S``; neither starts the ASGI app. The rest
 of a body the app answered without reading must come within
-``THAI_BODY_TIMEOUT_S`` too, or the connection is closed.
+``THAI_BODY_TIMEOUT_S`` too, or the connection is closed. One client address may
+hold at most ``THAI_MAX_CONNECTIONS_PER_CLIENT`` connections (the trusted proxies
+of ``THAI_FORWARDED_ALLOW_IPS`` excepted: behind them the request-level bound of
+:mod:`api.client_limits` counts the forwarded client); the next one is answered
+``429`` and closed, so no single address can take every slot of
+``THAI_MAX_CONNECTIONS``.
 :class:`BodyTimeoutMiddleware` (:func:`install_body_timeout`) answers ``408``
 when a body takes longer than ``THAI_BODY_TIMEOUT_S`` in all, or a third of it
 between two pieces.
@@ -34,6 +39,7 @@ import logging
 import httptools
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from api.errors import APIError, error_body
@@ -81,6 +87,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # arrive within this time (uvicorn would otherwise read and drop it for ever).
     unread_body_timeout_s: float = 60.0
     linger_s: float = 2.0
+    # Open connections per client address, shared by every connection of one server
+    # (guarded_protocol binds a fresh dict); None: no per-address bound. Addresses that
+    # are ``in exempt_addresses`` (the trusted proxies) are not counted.
+    max_connections_per_client: int | None = None
+    connections_per_address: dict[str, int] | None = None
+    addresses_at_limit: set[str] = set()  # replaced per server by guarded_protocol
+    exempt_addresses: object = frozenset()
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -93,16 +106,51 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._linger_timer: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str, str] | None = None  # (status, message, code), once decided
         self._refusal_sent = False
+        self._counted_address: str | None = None  # counted in connections_per_address
 
     # --- connection ---------------------------------------------------------------
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if not self._count_connection():
+            return
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        if self._counted_address is not None:
+            counts = self.connections_per_address
+            left = counts.get(self._counted_address, 1) - 1
+            if left > 0:
+                counts[self._counted_address] = left
+            else:
+                counts.pop(self._counted_address, None)
+            self.addresses_at_limit.discard(self._counted_address)
+            self._counted_address = None
         super().connection_lost(exc)
+
+    def _count_connection(self) -> bool:
+        """Count this connection for its address; False when the address already holds
+        ``max_connections_per_client`` (then it is answered 429 and closed)."""
+        limit, counts = self.max_connections_per_client, self.connections_per_address
+        address = self.client[0] if self.client else None
+        if limit is None or counts is None or not address or address in self.exempt_addresses:
+            return True
+        held = counts.get(address, 0)
+        if held >= limit:
+            # Out of uvicorn's count at once: a refused connection lingers a moment (so the
+            # client reads its answer) but must not take a slot of THAI_MAX_CONNECTIONS.
+            self.connections.discard(self)
+            # One warning per address each time it reaches the limit, not one per refusal.
+            first = address not in self.addresses_at_limit
+            self.addresses_at_limit.add(address)
+            self._refuse(429, f"This address already holds {limit} connections, this server's "
+                              "limit per client (THAI_MAX_CONNECTIONS_PER_CLIENT).",
+                         "too_many_connections", log_level=None if first else logging.DEBUG)
+            return False
+        counts[address] = held + 1
+        self._counted_address = address
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
@@ -239,13 +287,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                           f"{self.max_header_bytes} bytes (THAI_MAX_HEADER_BYTES).",
                      "request_header_too_large")
 
-    def _refuse(self, status: int, message: str, code: str) -> None:
+    def _refuse(self, status: int, message: str, code: str, log_level: int | None = None) -> None:
         if self._refusal is not None:
             return
         self._refusal = (status, message, code)
         self._cancel(self._head_timer)
         self._head_timer = None
-        level = logging.INFO if status == 408 else logging.WARNING
+        level = log_level or (logging.INFO if status == 408 else logging.WARNING)
         client = "%s:%d" % self.client if self.client else "client"
         self.logger.log(level, "%s: %d %s", client, status, message)
         busy = self.cycle is not None and not self.cycle.response_complete
@@ -259,10 +307,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal_sent = True
         self._cancel_timers()
         status, message, code = self._refusal
-        body = json.dumps(error_body(status, message, "invalid_request_error", None, code)).encode()
+        kind = "rate_limit_error" if status == 429 else "invalid_request_error"
+        body = json.dumps(error_body(status, message, kind, None, code)).encode()
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
+        if status in (429, 503):
+            content.append(b"retry-after: 1\r\n")
         content.extend([b"content-type: application/json\r\n",
                         b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
                         b"connection: close\r\n\r\n", body])
@@ -304,6 +355,12 @@ def guarded_protocol(server_settings) -> type[GuardedHttpToolsProtocol]:
         "max_headers": server_settings.max_headers,
         "header_timeout_s": server_settings.header_timeout_s,
         "unread_body_timeout_s": server_settings.body_timeout_s,
+        "max_connections_per_client": server_settings.max_connections_per_client,
+        "connections_per_address": {},
+        "addresses_at_limit": set(),
+        # uvicorn's own parser of "127.0.0.1, 10.0.0.0/8, *", as TrustedProxyMiddleware uses it.
+        "exempt_addresses": ProxyHeadersMiddleware(
+            None, trusted_hosts=list(server_settings.forwarded_allow_ips)).trusted_hosts,
         "__module__": __name__,
     })
 

@@ -25,7 +25,10 @@ so a streamed response goes out chunk by chunk, never buffered.
 
 :class:`SafeLogFilter` (installed on the root handlers by app.py) escapes
 control characters and cuts every log record, so nothing a client sends can
-forge a log line or flood the log.
+forge a log line or flood the log, and masks secrets sent in a query string
+(``?api_key=...``) before the access log (or anything else) writes them.
+What libraries print to stdout/stderr is made into such records too
+(:mod:`api.log_streams`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api.errors import error_body, error_response
-from api.security import is_ui_path, route_path
+from api.security import METRICS_PATH, PROBE_PATHS, is_ui_path, route_path
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -88,6 +91,18 @@ def _escape_char(match: re.Match) -> str:
     return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
 
 
+# A secret in a query string (``?api_key=...``, ``&token=...``, Gradio's ``__sign``): the
+# access log writes the whole path, so the value is masked in every record.
+_QUERY_SECRET = re.compile(
+    r"(?i)([?&;](?:api[_-]?key|key|token|access[_-]?token|auth|authorization|password|passwd|"
+    r"secret|sig|signature|__sign)=)[^&#\s\"']*")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the values of secret-looking query parameters replaced by ``***``."""
+    return _QUERY_SECRET.sub(r"\1***", text) if "=" in text else text
+
+
 def safe_log_text(text: str, limit: int = MAX_LOG_CHARS) -> str:
     """``text`` on one line (control characters escaped as ``\\n``, ``\\x1b``...), cut at
     ``limit`` characters with a marker saying how much was left out."""
@@ -127,11 +142,11 @@ class SafeLogFilter(logging.Filter):
         except Exception:  # noqa: BLE001 - a bad format string: keep what there is
             message = f"{record.msg!s} {record.args!r}"
         limit = getattr(record, "log_limit", MAX_LOG_CHARS)  # THAI_LOG_PROMPTS asks for more
-        record.msg, record.args = safe_log_text(message, limit), None
+        record.msg, record.args = safe_log_text(redact_secrets(message), limit), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = _safe_traceback(record.exc_text)
+            record.exc_text = _safe_traceback(redact_secrets(record.exc_text))
         if record.stack_info:
             record.stack_info = _safe_traceback(record.stack_info)
         record._thai_safe = True
@@ -429,9 +444,58 @@ def _relative(location: bytes, own_hosts: set[str]) -> bytes:
     return (path + query + fragment).encode("latin-1")
 
 
+class AllowedHostsMiddleware:
+    """``THAI_ALLOWED_HOSTS``: 400 for a request naming a host not in the list.
+
+    The host checked is the one the app builds URLs from: a trusted proxy's
+    ``X-Forwarded-Host`` (others were removed already), else ``Host``. An entry is a
+    host (any port), a ``host:port``, or ``*.domain`` (its subdomains). Probes and
+    ``/metrics`` are exempt: health checks and scrapers often use an address.
+    """
+
+    def __init__(self, app: ASGIApp, hosts: list[str]):
+        self.app = app
+        self.hosts = [h.strip().lower() for h in hosts if h.strip()]
+
+    def allowed(self, host: str) -> bool:
+        host = host.strip().lower()
+        if host.startswith("["):  # [::1]:8001
+            name = host.split("]", 1)[0] + "]"
+        else:
+            name = host.rsplit(":", 1)[0]
+        for entry in self.hosts:
+            if entry.startswith("*."):
+                if name.endswith(entry[1:]):
+                    return True
+            elif entry in (host, name):
+                return True
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or route_path(scope) in PROBE_PATHS \
+                or route_path(scope) == METRICS_PATH:
+            await self.app(scope, receive, send)
+            return
+        forwarded = request_header(scope, b"x-forwarded-host")
+        raw = forwarded if forwarded is not None else request_header(scope, b"host")
+        host = (raw or b"").decode("latin-1").split(",")[0]
+        if self.allowed(host):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "host not allowed"})
+            return
+        body = error_body(400, "This server does not answer to that host name (THAI_ALLOWED_HOSTS).",
+                          "invalid_request_error", None, "host_not_allowed")
+        await JSONResponse(body, status_code=400, headers={"Connection": "close"})(scope, receive, send)
+
+
 def install_proxy_guards(app, settings) -> None:
-    """Add the redirect rewriter and, outermost, the trusted-proxy step (call last)."""
+    """Add the redirect rewriter, the host allow-list and, outermost, the trusted-proxy
+    step (call last)."""
     app.add_middleware(RelativeRedirectMiddleware)
+    if settings.server.allowed_hosts:
+        app.add_middleware(AllowedHostsMiddleware, hosts=list(settings.server.allowed_hosts))
     app.add_middleware(TrustedProxyMiddleware, trusted=list(settings.server.forwarded_allow_ips))
 
 

@@ -36,6 +36,7 @@ import math
 import time
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -158,12 +159,77 @@ def needs_key(path: str, method: str, headers: list[tuple[bytes, bytes]], server
     return True
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def uses_basic_auth(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the credentials are Basic ones: the kind a browser sends by itself."""
+    value = _header(headers, b"authorization")
+    return bool(value) and value.partition(" ")[0].lower() == "basic"
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else url.lower()
+
+
+def _without_default_port(origin_or_host: str, scheme: str) -> str:
+    default = {"http": ":80", "https": ":443"}.get(scheme, "")
+    return origin_or_host[: -len(default)] if default and origin_or_host.endswith(default) else origin_or_host
+
+
+def foreign_origin(scope: Scope, allowed_origins: frozenset[str]) -> str | None:
+    """The site a browser says a request came from, when it is neither this app's own
+    origin nor one of ``allowed_origins``; None when it is, or when nothing says.
+
+    ``Origin`` first (every browser sends it on a cross-site POST); without it,
+    ``Sec-Fetch-Site: cross-site``, then the ``Referer``'s origin. The app's own origin
+    is its ``Host`` (a trusted proxy's ``X-Forwarded-Host``): a page of this app sends
+    an ``Origin`` naming the host it was loaded from.
+    """
+    headers = scope.get("headers", [])
+    claimed = _header(headers, b"origin")
+    if claimed is None:
+        if (_header(headers, b"sec-fetch-site") or "").lower() == "cross-site":
+            return "cross-site"
+        referer = _header(headers, b"referer")
+        if not referer:
+            return None  # not a browser, or one that tells nothing: Basic auth alone decides
+        claimed = _origin_of(referer)
+    claimed = claimed.lower().rstrip("/")
+    if claimed in allowed_origins:
+        return None
+    scheme, _, netloc = claimed.partition("://")
+    if not netloc:
+        return claimed or "null"  # "null": a sandboxed frame, a data: URL
+    own = _header(headers, b"x-forwarded-host") or _header(headers, b"host") or ""
+    own = own.split(",")[0].strip().lower()
+    if own and _without_default_port(netloc, scheme) == _without_default_port(own, scheme):
+        return None
+    return claimed
+
+
 class AuthMiddleware:
     """Answers 401 in OpenAI's error shape unless the request carries a valid key, and 429
-    to an address that sent too many wrong keys (see the module docstring)."""
+    to an address that sent too many wrong keys (see the module docstring).
+
+    A browser resends cached Basic credentials to the UI with any request, a forged
+    cross-site form post included: a state-changing UI request (not GET/HEAD/OPTIONS)
+    authenticated by Basic credentials is refused 403 when its origin is not this app's
+    own, nor a frame ancestor or CORS origin of the settings (CSRF)."""
 
     def __init__(self, app: ASGIApp, keys: APIKeys, server: ServerSettings):
         self.app, self.keys, self.server = app, keys, server
+        self.trusted_origins = frozenset(
+            o.strip().lower().rstrip("/") for o in [*server.frame_ancestors, *server.cors_origins]
+            if o.strip() and o.strip() not in ("*", "'self'"))
         per_minute = server.auth_failures_per_minute  # as a burst, then refilled at this rate
         self.failures = TokenBuckets(per_minute, per_minute) if per_minute > 0 else None
 
@@ -186,6 +252,11 @@ class AuthMiddleware:
                 await self._locked_out(scope, receive, send, wait)
                 return
         key = presented_key(headers, allow_basic=ui)
+        if ui and key and method not in SAFE_METHODS and uses_basic_auth(headers):
+            site = foreign_origin(scope, self.trusted_origins)
+            if site is not None:
+                await self._cross_site(scope, receive, send, site)
+                return
         if self.keys.verify(key):
             scope.setdefault("state", {})["client_id"] = key_label(key)
             await self.app(scope, receive, send)
@@ -208,6 +279,14 @@ class AuthMiddleware:
         challenge = UI_REALM if ui else 'Bearer realm="thai-llm"'
         await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})(
             scope, receive, send)
+
+    async def _cross_site(self, scope: Scope, receive: Receive, send: Send, site: str) -> None:
+        log.warning("refused a %s to the UI with Basic credentials from another site (%s)",
+                    scope.get("method"), site[:200])
+        body = error_body(403, "Cross-site request refused: this UI accepts changes only from its "
+                          "own pages and the origins in THAI_FRAME_ANCESTORS.",
+                          "invalid_request_error", None, "cross_site_request")
+        await JSONResponse(body, status_code=403)(scope, receive, send)
 
     async def _locked_out(self, scope: Scope, receive: Receive, send: Send, wait: float) -> None:
         retry_after = max(1, math.ceil(wait))
@@ -342,7 +421,10 @@ def document_security(app, server: ServerSettings) -> None:
 
 def install_access_control(app, settings) -> APIKeys:
     """Add the key check and the rate limit (call before CORS, which must run first)."""
+    from api.client_limits import install_client_limits  # it imports this module
+
     server: ServerSettings = settings.server
+    install_client_limits(app, settings)  # innermost of the three: it sees which keys were valid
     keys = APIKeys.from_settings(server)
     app.state.api_keys = keys
     if server.rate_limit_per_minute > 0:

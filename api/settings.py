@@ -419,6 +419,36 @@ class ServerSettings(BaseSettings):
         description="Files waiting for a free reading process, all clients together; more get "
         "HTTP 429.",
     )
+    max_connections_per_client: int = Field(
+        32, ge=1, le=100_000,
+        description="Most connections one client address may hold open at once, and most "
+        "anonymous or UI requests one client may have in flight (behind a trusted proxy, "
+        "counted per forwarded address); more get HTTP 429. The proxies in "
+        "forwarded_allow_ips are exempt from the connection count. At most max_connections "
+        "minus reserved_connections (the default is lowered to that when it does not fit).",
+    )
+    reserved_connections: int = Field(
+        8, ge=0, le=100_000,
+        description="Slots of max_connections kept for keyed API requests and /health, /ready: "
+        "anonymous and UI requests in flight may use at most max_connections minus this; "
+        "beyond it they get HTTP 503. Must be below max_connections (the default is lowered "
+        "to a quarter of max_connections when it does not fit).",
+    )
+    anonymous_stream_max_s: float = Field(
+        600.0, ge=1, le=7 * 86400,
+        description="Age, in seconds, past which a streamed response to a request without an "
+        "API key (the UI's heartbeat and event streams, an anonymous API stream) is ended, "
+        "cleanly, once anonymous and UI requests fill three quarters of their share "
+        "(max_connections minus reserved_connections): abandoned or hostile streams give "
+        "their slots to newcomers; a quiet server leaves long UI sessions alone.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names this server answers to (host, host:port or *.domain, comma "
+        "separated; a trusted proxy's X-Forwarded-Host is the one checked); requests naming "
+        "another get HTTP 400, /health, /ready and /metrics excepted. Empty: any Host is "
+        "answered (the UI's root URL is relative either way).",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -435,7 +465,8 @@ class ServerSettings(BaseSettings):
                 raise ValueError("each API key needs at least 8 printable characters without spaces")
         return value
 
-    @field_validator("cors_origins", "frame_ancestors", "forwarded_allow_ips", mode="before")
+    @field_validator("cors_origins", "frame_ancestors", "forwarded_allow_ips", "allowed_hosts",
+                     mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
@@ -448,6 +479,24 @@ class ServerSettings(BaseSettings):
         if "*" in value and len(value) > 1:
             raise ValueError("'*' cannot be combined with other origins")
         return value
+
+    @model_validator(mode="after")
+    def _connection_shares(self) -> "ServerSettings":
+        """The reserve below the connection limit, and the per-client bound below what is left:
+        an explicit value that does not fit is an error, a default that does not fit shrinks."""
+        if self.reserved_connections >= self.max_connections:
+            if "reserved_connections" in self.model_fields_set:
+                raise ValueError("THAI_RESERVED_CONNECTIONS must be below THAI_MAX_CONNECTIONS "
+                                 f"({self.reserved_connections} >= {self.max_connections})")
+            self.reserved_connections = self.max_connections // 4
+        public = self.max_connections - self.reserved_connections
+        if self.max_connections_per_client > public:
+            if "max_connections_per_client" in self.model_fields_set:
+                raise ValueError("THAI_MAX_CONNECTIONS_PER_CLIENT must be at most THAI_MAX_CONNECTIONS "
+                                 f"minus THAI_RESERVED_CONNECTIONS ({self.max_connections_per_client}"
+                                 f" > {public})")
+            self.max_connections_per_client = public
+        return self
 
     @model_validator(mode="before")
     @classmethod

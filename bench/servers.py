@@ -123,6 +123,7 @@ class ServerPool:
             "THAI_ENABLE_UI": "false",
             "THAI_ACCESS_LOG": "false", "THAI_LOG_LEVEL": "warning",
             "THAI_SERVED_MODEL_NAME": "bench", "THAI_RATE_LIMIT_PER_MINUTE": "0",
+            "THAI_MAX_CONNECTIONS_PER_CLIENT": "256",  # every level's streams come from one address
             "THAI_API_KEYS": "", "THAI_API_KEY_FILE": "", **(extra_env or {}),
         }
         return self._spawn("ours", [sys.executable, str(REPO / "app.py")], env, port, "bench",

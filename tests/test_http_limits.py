@@ -31,7 +31,9 @@ MIB = 1024 * 1024
 def server(model_env):
     env = {**model_env, "THAI_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
            "THAI_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "THAI_ENABLE_UI": "false",
-           "THAI_RATE_LIMIT_PER_MINUTE": "0", "THAI_ACCESS_LOG": "false", "OMP_NUM_THREADS": "1"}
+           "THAI_RATE_LIMIT_PER_MINUTE": "0", "THAI_ACCESS_LOG": "false", "OMP_NUM_THREADS": "1",
+           # Twenty attack sockets from one address below: not what this module measures.
+           "THAI_MAX_CONNECTIONS_PER_CLIENT": "64"}
     proc = start_server(env, ARTIFACTS / "http-limits")
     yield proc
     proc.stop()
@@ -59,9 +61,10 @@ class Conn:
     opened: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def open(cls, server: ServerProcess) -> "Conn":
+    def open(cls, server: ServerProcess, source: str | None = None) -> "Conn":
         host, port = server.url.removeprefix("http://").split(":")
-        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock = socket.create_connection((host, int(port)), timeout=5,
+                                        source_address=(source, 0) if source else None)
         sock.settimeout(0.25)  # short: readers loop against their own deadline
         return cls(sock)
 
@@ -444,7 +447,9 @@ def test_streamed_chat_completion_still_streams(server):
 def test_max_connections_gives_503_and_idle_connections_expire(model_env):
     """uvicorn's limit_concurrency counts open connections, the requesting one included, and
     answers a request 503 (its own plain-text body) once they reach the limit; the header
-    timeout closes idle connections, so they cannot hold the slots."""
+    timeout closes idle connections, so they cannot hold the slots. (The idle connections
+    come from two addresses: one address may hold only 3 of the 4, THAI_MAX_CONNECTIONS_PER_CLIENT's
+    default there; test_client_limits attacks that bound.)"""
     env = {**model_env, "THAI_MAX_CONNECTIONS": "4", "THAI_HEADER_TIMEOUT_S": "3",
            "THAI_ENABLE_UI": "false", "THAI_ACCESS_LOG": "false", "OMP_NUM_THREADS": "1"}
     srv = start_server(env, ARTIFACTS / "http-limits-conns")
@@ -456,7 +461,7 @@ def test_max_connections_gives_503_and_idle_connections_expire(model_env):
         conn.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert conn.response().status == 200  # 2 idle + this one: 3 < 4
         conn.close()
-        idle += [Conn.open(srv) for _ in range(2)]  # 4 idle now
+        idle += [Conn.open(srv, "127.0.0.2") for _ in range(2)]  # 4 idle now
         time.sleep(0.3)
         t0 = time.monotonic()
         conn = Conn.open(srv)

@@ -24,6 +24,8 @@ The UI is public, so mounting it is also where its attack surface is closed
   (:mod:`thai_ui.uploads`), swept every minute and deleted at exit.
 - ``show_error=False`` (Gradio would send exception text to the browser; our
   ``gr.Error`` messages are still shown), monitoring off, the queue bounded.
+- The page's and ``/ui/config``'s ``root`` is made relative
+  (:mod:`thai_ui.root_url`): Gradio builds it from the request's Host.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def mount_ui(app: FastAPI) -> None:
     from thai_ui.frame_policy import FramePolicyMiddleware
     from thai_ui.guard import FunctionPolicy, UIGuard
     from thai_ui.handlers import UIHandlers
+    from thai_ui.root_url import RelativeRootMiddleware
     from thai_ui.spaces_hardware import warn_if_zero_gpu
     from thai_ui.theme import FONT_DIR, FONT_SUBPATH, build_css, build_head, build_theme
     from thai_ui.uploads import UploadStore
@@ -69,6 +72,7 @@ def mount_ui(app: FastAPI) -> None:
     uploads.prepare()  # before Gradio creates its app: it reads GRADIO_TEMP_DIR then
 
     app.add_middleware(FramePolicyMiddleware, prefix=UI_PATH, origins=server.frame_ancestors)
+    app.add_middleware(RelativeRootMiddleware, prefix=UI_PATH)  # root never follows Host
     app.mount(f"{UI_PATH}/{FONT_SUBPATH}", StaticFiles(directory=FONT_DIR), name="ui-fonts")
     # Uploads are files (documents, tables): the app's body limit for UPLOAD_ROUTE is
     # THAI_DOCUMENT_MAX_BYTES plus the form, as for /v1/summarize/document.
