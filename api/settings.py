@@ -420,7 +420,7 @@ class ServerSettings(BaseSettings):
         "HTTP 429.",
     )
     max_connections_per_client: int = Field(
-        32, ge=1, le=100_000,
+        64, ge=1, le=100_000,
         description="Most connections one client address may hold open at once, and most "
         "anonymous or UI requests one client may have in flight (behind a trusted proxy, "
         "counted per forwarded address); more get HTTP 429. The proxies in "
