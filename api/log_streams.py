@@ -109,3 +109,18 @@ def route_std_streams_to_logging() -> None:
         sys.stderr = LoggingStream(logging.getLogger("thai.stderr"), logging.WARNING, sys.stderr)
     if not isinstance(sys.stdout, LoggingStream):
         sys.stdout = LoggingStream(logging.getLogger("thai.stdout"), logging.INFO, sys.stdout)
+
+
+CHILD_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"
+
+
+def sanitize_child_output(level: int = logging.WARNING) -> None:
+    """In a spawned helper process (document readers, the UI's counter): log as the server
+    does, what the libraries print included. Spawned processes inherit the server's stderr
+    but not its logging, so a parser's warning about a hostile file (pypdf's, say) would
+    otherwise reach the log raw: newlines, control characters and all."""
+    from api.middleware import install_log_sanitizer
+
+    logging.basicConfig(level=level, format=CHILD_LOG_FORMAT)
+    install_log_sanitizer(logging.getLogger().handlers)
+    route_std_streams_to_logging()

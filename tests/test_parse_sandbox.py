@@ -123,6 +123,17 @@ def allocate(mib: int) -> int:
     return len(block)
 
 
+def forge_log_lines(text: str) -> str:
+    """What a parser does with a hostile file's text: warn about it, print it."""
+    import logging as logging_
+    import sys as sys_
+
+    logging_.getLogger("pypdf").warning("bad object %s", text)
+    print(text, file=sys_.stderr)
+    sys_.stderr.flush()
+    return "done"
+
+
 def spin() -> None:
     while True:
         pass
@@ -399,6 +410,33 @@ def process_ended(pid: int, within_s: float = 20.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+FORGED = "x\nCRITICAL thai.api [-]: forged\x1b[2J"
+
+
+def assert_sanitized(stderr: str) -> None:
+    assert "forged" in stderr  # the text is there, as data
+    assert not any(line.startswith("CRITICAL") for line in stderr.splitlines())
+    assert "\x1b" not in stderr
+
+
+def test_what_a_reader_prints_or_logs_is_one_escaped_line(pool, capfd):
+    """Spawned readers inherit the server's stderr but not its logging: a parser's warning
+    quoting a hostile file used to reach the log raw, a forged line included."""
+    assert pool().call("a", forge_log_lines, FORGED) == "done"
+    assert_sanitized(capfd.readouterr().err)
+
+
+def test_what_the_ui_helper_prints_or_logs_is_one_escaped_line(capfd):
+    from thai_ui.worker_process import SpawnedWorker
+
+    worker = SpawnedWorker("test")
+    try:
+        assert worker.call(forge_log_lines, FORGED, timeout=120) == "done"
+    finally:
+        worker.close()
+    assert_sanitized(capfd.readouterr().err)
 
 
 def test_the_ui_helper_process_is_killed_when_a_job_overruns():

@@ -20,6 +20,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
+from api.log_streams import sanitize_child_output
+
 log = logging.getLogger("thai.ui")
 
 
@@ -35,7 +37,8 @@ class SpawnedWorker:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=sanitize_child_output)
             return self._pool
 
     def _died(self, attempt: int) -> bool:

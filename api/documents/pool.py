@@ -67,6 +67,10 @@ def _worker_main(conn, memory_bytes: int, cpu_seconds: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server's Ctrl-C stops us via close()
     import importlib
 
+    from api.log_streams import sanitize_child_output
+
+    sanitize_child_output()
+
     for name in PRELOAD:
         try:
             importlib.import_module(name)
