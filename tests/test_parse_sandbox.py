@@ -221,6 +221,21 @@ def test_a_jobs_own_error_crosses_intact_and_keeps_the_worker(pool):
     assert p.call("a", worker_pid) == first
 
 
+def test_a_clients_slot_is_free_once_its_result_is_seen(pool):
+    """A visitor who gets a file's text and at once sends the next is not told it is busy:
+    the slot is freed before the result is handed over, and a job cancelled while it
+    waited (its caller went away) frees its slot too."""
+    p = pool(workers=1, max_waiting=1)
+    for value in range(5):
+        assert p.call("a", double, value) == 2 * value
+        assert p.jobs_of("a") == 0
+    held = p.submit("a", hold, 2, "a")
+    waiting = p.submit("b", double, 1)
+    assert waiting.cancel() and p.jobs_of("b") == 0
+    assert held.result(timeout=120) == "a" and p.jobs_of("a") == 0
+    assert p.call("b", double, 3) == 6
+
+
 def test_jobs_per_client_and_waiting_jobs_are_bounded(pool):
     p = pool(workers=2, jobs_per_client=1, max_waiting=0)
     held = p.submit("a", hold, 3, "a")

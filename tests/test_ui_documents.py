@@ -544,21 +544,33 @@ def test_the_page_wires_files_batch_and_unload_privately():
     assert mount.app.functions.public_names == {"summarize", "summarize_file", "chat"}
 
 
-def test_one_visitor_has_one_file_read_at_a_time(make, store):
+def wait_for_file(path: str) -> str:
+    """A parse job that holds its reader until ``path`` exists (at most a minute)."""
+    import time
+
+    for _ in range(1200):
+        if os.path.exists(path):
+            return "released"
+        time.sleep(0.05)
+    return "timed out"
+
+
+def test_one_visitor_has_one_file_read_at_a_time(make, store, tmp_path):
     """Parse jobs are bounded per client (THAI_PARSE_JOBS_PER_CLIENT=1), by address, not by
-    session (a client invents those): a second file from the same visitor is refused as
-    busy while another visitor's is read."""
+    session (a client invents those): while one of a visitor's files is being read, a second
+    from another of its tabs is refused as busy, and another visitor's is read."""
+    from thai_ui.handlers import _client_of
+
     handlers, _ = make()
     path = upload(store, "news.txt", "ข่าววันนี้ฝนตกหนัก")
-
-    async def scenario():
-        same = SimpleNamespace(session_hash="other-tab", client=session("A").client)
-        return await asyncio.gather(handlers.load_document(path, session("A")),
-                                    handlers.load_document(path, same),
-                                    handlers.load_document(path, session("B")),
-                                    return_exceptions=True)
-
-    first, second, other = run(scenario())
-    assert first[0] == "ข่าววันนี้ฝนตกหนัก" and other[0] == "ข่าววันนี้ฝนตกหนัก"
-    assert isinstance(second, gr.Error) and "busy" in str(second)
+    release = tmp_path / "release"
+    reading = handlers.files.pool.submit(_client_of(session("A")), wait_for_file, str(release))
+    try:
+        other_tab = SimpleNamespace(session_hash="other-tab", client=session("A").client)
+        with pytest.raises(gr.Error, match="busy"):
+            run(handlers.load_document(path, other_tab))
+        assert run(handlers.load_document(path, session("B")))[0] == "ข่าววันนี้ฝนตกหนัก"
+    finally:
+        release.touch()
+    assert reading.result(timeout=120) == "released"
     assert run(handlers.load_document(path, session("A")))[0] == "ข่าววันนี้ฝนตกหนัก"

@@ -199,12 +199,22 @@ class ParsePool:
             self._jobs[client] += 1
             self._in_flight += 1
         try:
-            future = self._executor.submit(self._run, function, args, kwargs)
+            future = self._executor.submit(self._run_for, client, function, args, kwargs)
         except BaseException:
             self._release(client)
             raise
-        future.add_done_callback(lambda _: self._release(client))
+        # a job cancelled while it waited (its caller went away) never runs to free its slot
+        future.add_done_callback(lambda done: self._release(client) if done.cancelled() else None)
         return future
+
+    def _run_for(self, client: str, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Run the job, then free the client's slot before its result is visible: a client
+        that reads a result and at once sends its next file must not find itself busy (a
+        future's done-callbacks run only after its waiters are woken)."""
+        try:
+            return self._run(function, args, kwargs)
+        finally:
+            self._release(client)
 
     def _release(self, client: str) -> None:
         with self._lock:
