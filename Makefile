@@ -32,8 +32,9 @@ $(RUN_STAMP): requirements.txt $(TORCH_STAMP)
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(TEST_STAMP): requirements-dev.txt $(RUN_STAMP)
+$(TEST_STAMP): requirements-dev.txt requirements-dev-nodeps.txt $(RUN_STAMP)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-dev-nodeps.txt
 	touch $@
 
 run: install
