@@ -26,8 +26,11 @@ from api.http_protocol import install_body_timeout
 from api.lifecycle import install_lifecycle
 from api.middleware import install_http_guards, install_proxy_guards
 from api.routes import completions, documents, info, openai_chat, summarize, tokenize
+from api.routes import responses as responses_routes
 from api.security import install_access_control
 from api.serving import Serving
+from api.serving.response_store import ResponseStore
+from api.serving.responses import ResponsesServing
 from api.settings import Settings
 
 log = logging.getLogger("thai.server")
@@ -66,6 +69,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                                 document_max_pages=settings.server.document_max_pages,
                                 parse_pool=parse_pool)
     app.state.parse_pool = parse_pool
+    app.state.responses = ResponsesServing(app.state.serving, ResponseStore(
+        settings.server.responses_store_size, settings.server.responses_store_max_chars))
     app.state.fatal_error = None
     app.state.ui_mounted = False
     app.state.shutdown_hook = None  # set by app.py to stop its uvicorn server
@@ -95,6 +100,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(info.router, tags=["info"])
     app.include_router(openai_chat.router, tags=["openai"])
     app.include_router(completions.router, tags=["openai"])
+    app.include_router(responses_routes.router, tags=["openai"])
     app.include_router(summarize.router, tags=["thai"])
     app.include_router(documents.router, tags=["thai"])
     app.include_router(tokenize.router, tags=["vllm"])

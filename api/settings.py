@@ -449,6 +449,18 @@ class ServerSettings(BaseSettings):
         "another get HTTP 400, /health, /ready and /metrics excepted. Empty: any Host is "
         "answered (the UI's root URL is relative either way).",
     )
+    responses_store_size: int = Field(
+        200, ge=0, le=100_000,
+        description="Most /v1/responses answers kept in memory for GET /v1/responses/{id} and "
+        "previous_response_id (oldest dropped first; each readable only with the API key, or "
+        "from the client address, that created it; lost on restart). 0: none kept, and "
+        "store: true or previous_response_id get HTTP 400.",
+    )
+    responses_store_max_chars: int = Field(
+        64_000_000, ge=1000, le=10_000_000_000,
+        description="Most characters (responses and the conversations they continue, as JSON) "
+        "the response store holds; the oldest are dropped first to stay below it.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
