@@ -81,7 +81,8 @@ class ResponsesRequest(BaseModel):
     include: list[str] | None = Field(None, max_length=16, description="Only items that add "
                                       "nothing here (reasoning.encrypted_content).")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Only 0.")
-    max_tool_calls: int | None = Field(None, ge=1, description="Not supported unless null.")
+    max_tool_calls: int | None = Field(None, ge=1, description="Accepted: it bounds hosted "
+                                       "tools, and none are served here.")
 
 
 class OutputText(BaseModel):
