@@ -10,13 +10,14 @@ item and its kind rather than a long schema error about the union's members.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.protocol import MAX_PRIORITY, MAX_TOP_K, check_json_input
 
 MAX_INPUT_ITEMS = 512
+MAX_INPUT_CHARS = 1_000_000
 MAX_INSTRUCTIONS_CHARS = 1_000_000
 
 
@@ -31,7 +32,8 @@ class ResponsesRequest(BaseModel):
     _valid_input = model_validator(mode="before")(check_json_input)
 
     model: str | None = Field(None, max_length=256, description="Served model name.")
-    input: str | list[dict[str, Any]] = Field(
+    input: (Annotated[str, Field(max_length=MAX_INPUT_CHARS)]
+            | Annotated[list[dict[str, Any]], Field(max_length=MAX_INPUT_ITEMS)]) = Field(
         description="A text (one user message) or a list of items: messages (role user, "
         "system, developer or assistant; content a string or input_text/output_text parts), "
         "function_call and function_call_output items.")

@@ -95,6 +95,7 @@ def _text_of(content: Any, where: str) -> str:
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind if isinstance(kind, str) else None  # a list or object is no type
         if kind in MEDIA_PARTS:
             raise refuse(f"{where}[{j}] is {kind}: this model reads text only (no images, "
                          "files or audio)", f"{where}[{j}].type")
