@@ -149,3 +149,14 @@ def test_forced_tool_call_and_text_format_together():
             "text": {"format": {"type": "json_object"}}})
     assert response.status_code == 200, response.text
     assert engine.requests[-1].params.grammar.kind == "lark"  # the tool-call grammar
+
+
+def test_listed_and_documented():
+    client, _ = make_client()
+    with client:
+        assert "POST /v1/responses" in client.get("/").json()["endpoints"]
+        schema = client.get("/openapi.json").json()
+    assert {"post"} <= set(schema["paths"]["/v1/responses"])
+    assert {"get", "delete"} <= set(schema["paths"]["/v1/responses/{response_id}"])
+    props = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
+    assert {"input", "instructions", "tools", "text", "previous_response_id", "store"} <= set(props)

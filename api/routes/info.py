@@ -34,6 +34,8 @@ ENDPOINTS = {
     "GET /v1/models/{model}": "One model's card; 404 model_not_found for another name",
     "POST /v1/chat/completions": "OpenAI-compatible chat completions (streaming too)",
     "POST /v1/completions": "OpenAI-compatible text completions of one prompt, text or token ids (vLLM's)",
+    "POST /v1/responses": "OpenAI's Responses API: input items, function tools, text.format, typed stream events",
+    "GET /v1/responses/{id}": "A stored response (its creator only); DELETE forgets it",
     "POST /v1/summarize": "Thai text summarization (long texts in pieces; stream for progress)",
     "POST /v1/summarize/document": "Summarize a file: .pdf, .docx, .html, .md, .txt (multipart)",
     "POST /tokenize": "Token ids of a text or a chat, as a chat completion counts them (vLLM)",
