@@ -9,6 +9,8 @@ One module per endpoint family (as vLLM's ``entrypoints/openai`` does):
   of the model (:func:`public_base_model`, :func:`public_failure`).
 - :mod:`api.serving.chat`: ``/v1/chat/completions``.
 - :mod:`api.serving.completions`: ``/v1/completions`` (legacy text completions, vLLM's).
+- :mod:`api.serving.responses`: ``/v1/responses`` (OpenAI's Responses API, on chat's
+  code; its own object, ``app.state.responses``, with the response store).
 - :mod:`api.serving.summarize`: ``/v1/summarize``, long texts in pieces
   (:class:`SummaryRun`: progress events, the final summary's text as it comes).
 - :mod:`api.serving.documents`: ``/v1/summarize/document``.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -40,8 +39,6 @@ from api.serving.responses_input import (
     input_messages,
 )
 from api.serving.tool_parser import ContentDelta, StreamingToolCallParser, ToolCallDelta
-
-log = logging.getLogger("thai.serving")
 
 
 class ResponseNotFoundError(APIError):
