@@ -110,6 +110,23 @@ def test_store_bounds_and_owners():
     assert len(store) == 1 and store.get("d", "key:1") is not None
 
 
+def test_store_evicts_the_largest_owner_first():
+    """A client storing many responses evicts its own, not another client's."""
+    store = ResponseStore(max_entries=4, max_chars=100_000)
+    store.put("b1", "key:b", {"id": "b1"}, [])
+    for i in range(10):
+        store.put(f"a{i}", "key:a", {"id": i}, [])
+    assert store.get("b1", "key:b") is not None and len(store) == 4
+    assert [name for name in ("a6", "a7", "a8", "a9") if store.get(name, "key:a")] == [
+        "a7", "a8", "a9"]  # a's oldest went first, b's one response stayed
+    sized = ResponseStore(max_entries=100, max_chars=1_000)
+    sized.put("small", "key:b", {"t": "s" * 100}, [])
+    for i in range(5):
+        sized.put(f"big{i}", "key:a", {"t": "x" * 400}, [])
+    assert sized.get("small", "key:b") is not None
+    assert sized.get("big4", "key:a") is not None and sized.get("big0", "key:a") is None
+
+
 def test_input_items_become_chat_turns():
     messages = input_messages([
         {"role": "user", "content": [{"type": "input_text", "text": "q"}]},

@@ -2,9 +2,10 @@
 
 A stored response belongs to whoever created it (the API key's tenant, else the client's
 address: :func:`api.routes.deps.request_tenant`); any other caller is told it does not
-exist, exactly as for an unknown id, so ids cannot be probed. Entries are evicted oldest
-first when the count (``THAI_RESPONSES_STORE_SIZE``) or the stored characters
-(``THAI_RESPONSES_STORE_MAX_CHARS``) would exceed their bounds; a restart forgets them all.
+exist, exactly as for an unknown id, so ids cannot be probed. When the count
+(``THAI_RESPONSES_STORE_SIZE``) or the stored characters (``THAI_RESPONSES_STORE_MAX_CHARS``)
+would exceed their bounds, the oldest entry of the owner holding the most goes first: a
+client storing many responses evicts its own, not everyone else's. A restart forgets all.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ class StoredResponse:
 
 
 class ResponseStore:
-    """Oldest-first eviction under a count and a size bound; 0 entries: off."""
+    """Bounded by count and size, the largest owner's oldest first; 0 entries: off."""
 
     def __init__(self, max_entries: int, max_chars: int):
         self.max_entries = max_entries
         self.max_chars = max_chars
-        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._entries: dict[str, StoredResponse] = {}
+        self._by_owner: dict[str, OrderedDict[str, None]] = {}  # each owner's ids, oldest first
+        self._owner_chars: dict[str, int] = {}
         self._chars = 0
         self._lock = threading.Lock()  # the UI's threads share nothing here, but be safe
 
@@ -50,16 +53,29 @@ class ResponseStore:
         if chars > self.max_chars:
             return False
         with self._lock:
-            old = self._entries.pop(response_id, None)
-            if old is not None:
-                self._chars -= old.chars
+            self._remove(response_id)
             while self._entries and (len(self._entries) >= self.max_entries
                                      or self._chars + chars > self.max_chars):
-                _, evicted = self._entries.popitem(last=False)
-                self._chars -= evicted.chars
+                by_size = len(self._entries) < self.max_entries  # only the size is over
+                largest = max(self._by_owner, key=lambda o: self._owner_chars[o] if by_size
+                              else len(self._by_owner[o]))
+                self._remove(next(iter(self._by_owner[largest])))
             self._entries[response_id] = StoredResponse(owner, response, history, chars)
+            self._by_owner.setdefault(owner, OrderedDict())[response_id] = None
+            self._owner_chars[owner] = self._owner_chars.get(owner, 0) + chars
             self._chars += chars
         return True
+
+    def _remove(self, response_id: str) -> None:
+        entry = self._entries.pop(response_id, None)
+        if entry is None:
+            return
+        self._chars -= entry.chars
+        ids = self._by_owner[entry.owner]
+        del ids[response_id]
+        self._owner_chars[entry.owner] -= entry.chars
+        if not ids:
+            del self._by_owner[entry.owner], self._owner_chars[entry.owner]
 
     def get(self, response_id: str, owner: str) -> StoredResponse | None:
         """The entry when ``owner`` created it, else None (unknown and foreign look alike)."""
@@ -73,6 +89,5 @@ class ResponseStore:
             entry = self._entries.get(response_id)
             if entry is None or entry.owner != owner:
                 return False
-            del self._entries[response_id]
-            self._chars -= entry.chars
+            self._remove(response_id)
         return True
