@@ -452,9 +452,10 @@ class ServerSettings(BaseSettings):
     responses_store_size: int = Field(
         200, ge=0, le=100_000,
         description="Most /v1/responses answers kept in memory for GET /v1/responses/{id} and "
-        "previous_response_id (when full, the oldest of the client holding the most is dropped; each readable only with the API key, or "
-        "from the client address, that created it; lost on restart). 0: none kept, and "
-        "store: true or previous_response_id get HTTP 400.",
+        "previous_response_id (when full, the oldest of the client holding the most is "
+        "dropped; each readable only with the API key, or from the client address, that "
+        "created it; lost on restart). 0: none kept, and store: true or previous_response_id "
+        "get HTTP 400.",
     )
     responses_store_max_chars: int = Field(
         64_000_000, ge=1000, le=10_000_000_000,
