@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     wildcard = settings.server.cors_origins == ["*"]
     app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins,
                        allow_credentials=bool(settings.server.cors_origins) and not wildcard,
-                       allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_methods=["GET", "POST", "DELETE", "OPTIONS"],  # DELETE: /v1/responses/{id}
                        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                        expose_headers=["X-Request-ID", "Retry-After"])
     install_lifecycle(app, settings)
