@@ -423,6 +423,8 @@ class BatchScheduler:
         if reason is None and (seq.generated >= params.max_tokens
                                or seq.prompt_len + seq.generated >= self.bundle.max_context):
             reason = "length"
+        if reason is not None and cut < 0:
+            seq.detok.finish()  # a character left incomplete: shown as decode shows it
         text = seq.detok.take(final=reason is not None, cut_at=cut)
         if reason is not None:
             self._finish(seq, reason=reason, text=text)
