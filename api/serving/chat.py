@@ -72,7 +72,9 @@ class ChatPlan:
 TEMPLATE_ARGUMENTS = frozenset({
     "chat_template", "conversation", "messages", "tools", "documents", "tokenize", "padding",
     "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-    "tokenizer_kwargs", "sanitize_control_tokens"})
+    "tokenizer_kwargs", "sanitize_control_tokens",
+    # the template's own functions, which a variable of that name would hide
+    "raise_exception", "strftime_now"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +196,12 @@ class ChatServing(ServingBase):
                 raise InvalidRequestError(f"the chat template could not be applied with these "
                                           f"options: {clip(str(exc), 300)}",
                                           param="messages") from None
+            except Exception as exc:  # the client's variables broke the template some other way
+                if not options.kwargs:
+                    raise
+                raise InvalidRequestError(f"the chat template failed with these "
+                                          f"chat_template_kwargs: {clip(str(exc), 300)}",
+                                          param="chat_template_kwargs") from None
         return work() if size < INLINE_ENCODE_CHARS else await asyncio.to_thread(work)
 
     def tool_grammar(self, request: ChatCompletionRequest) -> GrammarSpec | None:
