@@ -128,3 +128,31 @@ def test_any_byte_stream_ends_as_decode_shows_it():
         detok.finish()
         out.append(detok.take(final=True))
         assert "".join(out) == raw.decode("utf-8", errors="replace"), raw
+
+
+def test_the_demo_tokenizer_streams_what_its_decode_gives(demo_checkpoint):
+    """The product's tokenizer, random ids rich in tokens that start or end inside a
+    character: the streamed text, its held tail released at the end, is decode's text."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from api.engine.base import token_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_checkpoint[0])
+    ids = list(range(len(tokenizer)))
+    partial = [i for i, raw in zip(ids, token_bytes(tokenizer, ids))
+               if raw.decode("utf-8", "replace") != raw.decode("utf-8", "ignore")]
+    assert partial, "the demo vocabulary has byte-fragment tokens"
+    rng = random.Random(1)
+    for _ in range(300):
+        seq = [rng.choice(partial) if rng.random() < 0.6 else rng.randrange(len(tokenizer))
+               for _ in range(rng.randint(1, 40))]
+        detok = IncrementalDetokenizer(tokenizer, ())
+        out = []
+        for token in seq:
+            detok.add(token)
+            out.append(detok.take())
+        detok.finish()
+        out.append(detok.take(final=True))
+        assert "".join(out) == tokenizer.decode(seq, skip_special_tokens=True), seq

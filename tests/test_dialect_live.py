@@ -129,6 +129,7 @@ def test_chat_template_kwargs_reach_the_template(client, http):
     assert no_header.usage.prompt_tokens == counted(add_generation_prompt=False) < plain.usage.prompt_tokens
     assert counted(chat_template_kwargs={"add_generation_prompt": False}) == no_header.usage.prompt_tokens
     for kwargs, extra in (({"chat_template": "{{ 1 }}"}, {}), ({"tokenize": False}, {}),
+                          ({"raise_exception": 1}, {}),
                           ({"add_generation_prompt": False}, {"add_generation_prompt": True})):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
