@@ -250,6 +250,17 @@ def test_return_token_ids(client, http, tokenizer):
     choice = text.choices[0].model_extra
     assert choice["prompt_token_ids"] == tokenizer.encode("ภาษา")
     assert tokenizer.decode(choice["token_ids"], skip_special_tokens=True) == text.choices[0].text
+    firsts, streamed = {}, {}
+    for chunk in client.completions.create(model=MODEL, prompt=["ภาษา", "สวัสดี"], max_tokens=4,
+                                           temperature=0, stream=True,
+                                           extra_body={"return_token_ids": True}):
+        for c in chunk.choices:
+            extra = c.model_extra or {}
+            if extra.get("prompt_token_ids") is not None:
+                firsts.setdefault(c.index, extra["prompt_token_ids"])
+            streamed[c.index] = streamed.get(c.index, []) + (extra.get("token_ids") or [])
+    assert firsts == {0: tokenizer.encode("ภาษา"), 1: tokenizer.encode("สวัสดี")}
+    assert streamed[0] == choice["token_ids"]
 
 
 def test_truncate_prompt_tokens(client, http, tokenizer):
