@@ -16,9 +16,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+from jinja2 import TemplateError
+
 from api.engine import GenerationChunk, GenerationRequest, GrammarSpec
 from api.engine.base import GenerationStream
-from api.errors import InvalidRequestError
+from api.errors import InvalidRequestError, clip
 from api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -35,9 +37,6 @@ from api.protocol import (
     Usage,
 )
 from api.protocol_text import TokenizeRequest
-from jinja2 import TemplateError
-
-from api.errors import clip
 from api.serving.common import INLINE_ENCODE_CHARS, ServingBase, sse_relay, usage
 from api.serving.logprobs import TokenNames, chat_logprobs, prompt_logprobs
 from api.serving.structured import grammar_for
