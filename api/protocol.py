@@ -102,9 +102,11 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    # forbid: vLLM's continuous_usage_stats (or any other option) is not implemented here
+    # forbid: any other option is a 400 naming it
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = Field(False, description="Send a last chunk with token usage.")
+    continuous_usage_stats: bool = Field(False, description="Put the usage so far on every "
+                                         "chunk (vLLM).")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -143,6 +145,7 @@ def check_json_input(data: Any) -> Any:
 
 
 
+MAX_CHAT_MESSAGES = 16_384  # a sanity bound: THAI_MAX_MESSAGES, the window and the bytes bound first
 MAX_CHOICES = 16          # n: choices generated (as that many sequences) per request
 MAX_TOP_LOGPROBS = 20     # OpenAI's bound for top_logprobs (vLLM's default max_logprobs)
 MAX_LOGIT_BIAS = 1024     # entries of logit_bias
@@ -254,6 +257,16 @@ class SamplingFields(BaseModel):
     priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="Lower is sooner "
                           "(vLLM): orders this caller's own waiting requests; other callers "
                           "are served in turn whatever their priority. Local engine only.")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Return "
+                                        "each prompt token's log probability and this many "
+                                        "alternatives (vLLM's shape; not with stream). Local "
+                                        "engine only.")
+    return_token_ids: bool | None = Field(None, description="Also return the prompt's and each "
+                                          "choice's token ids (vLLM: prompt_token_ids, "
+                                          "token_ids). Local engine only.")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="Keep only the "
+                                               "prompt's last k tokens; -1: as many as the "
+                                               "context window holds (vLLM).")
 
     _stop = field_validator("stop")(_check_stop)
 
@@ -261,6 +274,8 @@ class SamplingFields(BaseModel):
     def _stream_options_need_stream(self) -> "SamplingFields":
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options applies only with stream: true (as in vLLM)")
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not available with stream: true (as in vLLM)")
         return self
 
     @field_validator("logit_bias")
@@ -290,7 +305,7 @@ class SamplingFields(BaseModel):
         "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "top_k",
         "min_p", "repetition_penalty", "stop_token_ids", "include_stop_str_in_output",
         "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-        "no_repeat_ngram_size")
+        "no_repeat_ngram_size", "truncate_prompt_tokens")
 
     def passthrough_fields(self) -> dict[str, object]:
         """What an upstream engine sends on besides our sampling: the fields of
@@ -337,7 +352,7 @@ ChatTool.model_rebuild()
 class ChatCompletionRequest(SamplingFields):
     """OpenAI's chat completion request, plus vLLM's extensions (see SamplingFields)."""
 
-    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
     max_completion_tokens: int | None = Field(
         None, ge=1, description="Same as max_tokens (newer OpenAI name); wins when both are set."
     )
@@ -352,9 +367,51 @@ class ChatCompletionRequest(SamplingFields):
                                              "come in one answer (default true).")
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=32, description="Extension: block "
                                              "repeated n-grams; 0 (default here): off.")
+    # vLLM's chat template options.
+    add_generation_prompt: bool = Field(True, description="End the prompt with the assistant "
+                                        "turn's header (vLLM); false with continue_final_message.")
+    continue_final_message: bool = Field(False, description="Continue the last message (an "
+                                         "assistant prefill) instead of starting a new turn "
+                                         "(vLLM); needs add_generation_prompt: false.")
+    echo: bool = Field(False, description="Put the last message's content before the reply when "
+                       "it is the assistant's (with continue_final_message: the prefill) (vLLM).")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, max_length=64, description="Variables for the chat template (vLLM), e.g. "
+        "enable_thinking; its own options (add_generation_prompt, continue_final_message) only "
+        "when they agree with the request's fields; chat_template and the tokenizer's "
+        "arguments get HTTP 400.")
+    # An upstream engine applies its own chat template: it gets the template options too.
+    PASSED_ON: ClassVar[tuple[str, ...]] = SamplingFields.PASSED_ON + (
+        "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+    # OpenAI's fields that carry no instruction for generation.
+    metadata: dict[str, str] | None = Field(None, max_length=16, description="Accepted; no "
+                                            "effect (OpenAI stores it with stored completions, "
+                                            "which this server does not keep).")
+    store: bool | None = Field(None, description="false (or null) accepted; true gets HTTP 400: "
+                               "this server keeps no completions to retrieve.")
+    service_tier: Literal["auto", "default"] | None = Field(
+        None, description="auto or default accepted (one tier here); flex, scale and priority "
+        "get HTTP 400.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, item in (value or {}).items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return value
 
     @model_validator(mode="after")
     def _chat_rules(self) -> "ChatCompletionRequest":
+        if self.store:
+            raise ValueError("store: true is not supported: this server keeps no completions "
+                             "to retrieve later (send false or leave it out)")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt: false (the "
+                             "last message is continued, no new turn begins), as in vLLM")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message continues the last message, which must "
+                             "be the assistant's")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.tool_choice not in (None, "none") and not self.tools:
@@ -401,18 +458,44 @@ class ChatCompletionMessage(BaseModel):
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
-class ChatCompletionChoice(BaseModel):
+class _OmitsExtras(BaseModel):
+    """A response with vLLM's optional extras: each is left out of the JSON unless it was
+    asked for (None), so the plain OpenAI shape stays what it was."""
+
+    EXTRAS: ClassVar[frozenset[str]] = frozenset({"prompt_logprobs", "prompt_token_ids",
+                                                  "token_ids"})
+
+    @model_serializer(mode="wrap")
+    def _drop_extras(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None or k not in self.EXTRAS}
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one prompt token's (or alternative's) log probability."""
+
+    logprob: float
+    rank: int | None = Field(None, description="1 for the most likely token; null for a "
+                             "prompt token that is not among the top_logprobs asked for.")
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, token id -> its entry (None for the first token)
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+class ChatCompletionChoice(_OmitsExtras):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: ChatFinishReason
     logprobs: ChoiceLogprobs | None = None
+    token_ids: list[int] | None = Field(None, description="With return_token_ids (vLLM).")
 
 
 def _completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_OmitsExtras):
     id: str = Field(default_factory=_completion_id)
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -420,6 +503,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="With prompt_logprobs (vLLM).")
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids (vLLM).")
 
 
 class _DropsNone(BaseModel):
@@ -450,101 +535,23 @@ class DeltaMessage(_DropsNone):
     tool_calls: list[DeltaToolCall] | None = None
 
 
-class ChatCompletionChunkChoice(BaseModel):
+class ChatCompletionChunkChoice(_OmitsExtras):
     index: int = 0
     delta: DeltaMessage
     finish_reason: ChatFinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
+    token_ids: list[int] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_OmitsExtras):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChatCompletionChunkChoice]
     usage: Usage | None = None
-
-
-# ------------------------------------------------------------ /v1/completions (legacy)
-MAX_PROMPT_CHARS = 1_000_000
-MAX_PROMPT_TOKEN_IDS = 131_072
-
-
-class CompletionRequest(SamplingFields):
-    """OpenAI's legacy completion request as vLLM serves it, one prompt per request.
-
-    ``prompt`` is a text or a list of token ids (or a list holding exactly one of those).
-    Unknown fields are refused by the serving layer (a 400 naming them), whichever the engine.
-    """
-
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        description="A text, or a list of token ids; a list of several prompts is refused.")
-    suffix: str | None = Field(None, description="Not supported (a 400 when given).")
-    echo: bool = Field(False, description="Put the prompt before the completion (with "
-                       "logprobs: the prompt's log probabilities too).")
-    best_of: int | None = Field(None, ge=1, description="Only null or equal to n.")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Return each "
-                                 "token's log probability and this many alternatives.")
-    no_repeat_ngram_size: int = Field(0, ge=0, le=32, description="Extension; 0: off.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: Any) -> str | list[int]:
-        if isinstance(value, list) and value and not isinstance(value[0], int):
-            if len(value) != 1:
-                raise ValueError(f"{len(value)} prompts given: one prompt per request is "
-                                 "supported here")
-            value = value[0]
-        if isinstance(value, str):
-            if len(value) > MAX_PROMPT_CHARS:
-                raise ValueError(f"at most {MAX_PROMPT_CHARS} characters")
-        elif len(value) > MAX_PROMPT_TOKEN_IDS:
-            raise ValueError(f"at most {MAX_PROMPT_TOKEN_IDS} token ids")
-        if not value:
-            raise ValueError("the prompt is empty")
-        return value
-
-class CompletionLogprobs(BaseModel):
-    """The legacy completions' log probabilities, one entry per token (prompt tokens first
-    with ``echo``; the prompt's first token has no log probability)."""
-
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: FinishReason | None = None
-    logprobs: CompletionLogprobs | None = None
-
-
-def _text_completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
-
-
-class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=_text_completion_id)
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-
-class CompletionStreamResponse(BaseModel):
-    """One SSE chunk: a text delta, the finish reason (last chunk), or the usage (no choices)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids, on the "
+                                               "first chunk (vLLM).")
 
 
 SummarizeStrategy = Literal["auto", "single"]
@@ -655,77 +662,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-# ------------------------------------------------------- /tokenize, /detokenize (vLLM's)
-MAX_DETOKENIZE_TOKENS = 131_072
-MAX_TOKENIZE_CHARS = 1_000_000
-
-
-class TokenizeRequest(BaseModel):
-    """vLLM's ``/tokenize``: either ``prompt`` (a plain text) or ``messages`` (a chat, through
-    the same normalization and chat template as ``/v1/chat/completions``), not both.
-
-    The two shapes are vLLM's ``TokenizeCompletionRequest`` and ``TokenizeChatRequest``; one
-    strict model here so a body with both, or neither, is a clear 400 instead of whichever
-    shape happened to validate.
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    _valid_input = model_validator(mode="before")(check_json_input)
-
-    model: str | None = Field(None, max_length=256, description="Served model name; checked when given.")
-    prompt: str | None = Field(None, max_length=MAX_TOKENIZE_CHARS,
-                               description="Text to tokenize (exclusive with messages).")
-    messages: list[ChatMessage] | None = Field(
-        None, min_length=1, max_length=512,
-        description="Chat messages to tokenize with the chat template (exclusive with prompt).")
-    add_generation_prompt: bool | None = Field(
-        None, description="messages only: end with the assistant turn's header, as a chat "
-        "completion does (default true).")
-    tools: list["ChatTool"] | None = Field(None, max_length=128, description="messages only: the "
-                                           "tools, rendered by the template as a chat "
-                                           "completion with them is.")
-    add_special_tokens: bool | None = Field(
-        None, description="Add the tokenizer's special tokens (BOS, if it has one); default "
-        "true for prompt, false for messages (the chat template has its own).")
-    return_token_strs: bool = Field(False, description="Also return each token as a string.")
-
-    @model_validator(mode="after")
-    def _one_shape(self) -> "TokenizeRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` (text) or `messages` (a chat)")
-        if self.prompt is not None and self.add_generation_prompt is not None:
-            raise ValueError("`add_generation_prompt` applies to `messages` only")
-        if self.prompt is not None and self.tools is not None:
-            raise ValueError("`tools` applies to `messages` only")
-        return self
-
-    @property
-    def is_chat(self) -> bool:
-        return self.messages is not None
-
-
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = Field(None, description="Present when return_token_strs was set.")
-
-
-class DetokenizeRequest(BaseModel):
-    """vLLM's ``/detokenize``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    _valid_input = model_validator(mode="before")(check_json_input)
-
-    model: str | None = Field(None, max_length=256, description="Served model name; checked when given.")
-    tokens: list[int] = Field(max_length=MAX_DETOKENIZE_TOKENS,
-                              description=f"Token ids, at most {MAX_DETOKENIZE_TOKENS}.")
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
 class UpstreamState(BaseModel):
     name: str = Field(description="upstream-N: the N-th URL of THAI_UPSTREAM_URLS, from 0.")
     healthy: bool
@@ -792,3 +728,14 @@ class ErrorResponse(BaseModel):
 
 
 JSONDict = Annotated[dict[str, Any], Field()]
+
+
+def __getattr__(name: str) -> Any:
+    """The text-completion and tokenizer schemas live in :mod:`api.protocol_text`; old
+    imports of them from here still work."""
+    from api import protocol_text
+
+    try:
+        return getattr(protocol_text, name)
+    except AttributeError:
+        raise AttributeError(f"module 'api.protocol' has no attribute {name!r}") from None

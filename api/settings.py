@@ -90,7 +90,14 @@ class ModelSettings(BaseSettings):
         2048, ge=1, le=32768, description="Largest max_tokens a request may ask for."
     )
     max_messages: int = Field(
-        128, ge=1, le=512, description="Most messages one chat request may carry; more get HTTP 400."
+        4096, ge=1, le=16384, description="Most messages one chat request may carry; more get "
+        "HTTP 400. A sanity bound only: a chat is bounded by the context window (its tokens) "
+        "and THAI_MAX_CHAT_BYTES, so long agent loops (a call and a result per round) fit."
+    )
+    max_chat_bytes: int = Field(
+        1024 * 1024, ge=1024, le=1024**3, description="Most bytes of text (message contents "
+        "and tool-call arguments, UTF-8) one chat request may carry; more get HTTP 400 "
+        "(what the chat template renders and the tokenizer reads)."
     )
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Default sampling temperature.")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Default nucleus sampling top_p.")

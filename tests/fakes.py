@@ -64,8 +64,12 @@ class FakeEngine(Engine):
         return [ord(c) for c in text]
 
     def encode_messages(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-                        add_special_tokens: bool = False, tools: Sequence[dict] | None = None) -> list[int]:
+                        add_special_tokens: bool = False, tools: Sequence[dict] | None = None,
+                        continue_final_message: bool = False,
+                        template_kwargs: dict | None = None) -> list[int]:
         self.encode_calls.append(("encode_messages", add_generation_prompt, add_special_tokens))
+        self.template_options = {"continue_final_message": continue_final_message,
+                                 "template_kwargs": template_kwargs}
         ids = self.encode_chat(messages, tools)
         return ids if add_generation_prompt else ids[:-1]  # something visibly different
 

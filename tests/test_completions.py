@@ -57,11 +57,20 @@ def test_token_id_prompts_and_one_prompt_lists(fake):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == "cba"
         assert engine.requests[-1].prompt_ids == ids
-    for prompt in (["a", "b"], [ids, ids]):
-        r = complete(client, prompt=prompt)
-        assert r.status_code == 400
-        error = r.json()["error"]
-        assert error["param"] == "prompt" and "one prompt per request" in error["message"]
+    # several prompts: n choices each, indexed prompt by prompt (OpenAI's and vLLM's order)
+    for prompt in (["ab", "xyz"], [[97, 98], [120, 121, 122]]):
+        r = complete(client, prompt=prompt, n=2)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [(c["index"], c["text"]) for c in body["choices"]] == [
+            (0, "ba"), (1, "ba"), (2, "zyx"), (3, "zyx")]
+        assert body["usage"]["prompt_tokens"] == 2 + 3
+        assert body["usage"]["completion_tokens"] == 2 * 2 + 2 * 3
+    r = complete(client, prompt=["a"] * 65)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = complete(client, prompt=["a"] * 8, n=16)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert complete(client, prompt=["a", ""]).status_code == 400
     r = complete(client, prompt=[97, FakeEngine.VOCAB_SIZE])
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_token_id"
     assert r.json()["error"]["param"] == "prompt"

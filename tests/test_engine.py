@@ -67,7 +67,10 @@ def test_batched_equals_single_greedy(demo_checkpoint):
     assert staggered == single
     for i, (text, n, _) in enumerate(mixed):  # rows leaving early do not disturb the others
         assert n == 6 + 5 * i
-        assert single[i][0].startswith(text)
+        # the run with fewer tokens is a prefix of the other (a row cut inside a character ends
+        # with U+FFFD there, as the tokenizer's decode shows it)
+        shorter, longer = (text, single[i][0]) if n <= single[i][1] else (single[i][0], text)
+        assert longer.startswith(shorter.removesuffix("\ufffd"))
 
 
 def test_fixed_length_and_stop_strings(demo_checkpoint):

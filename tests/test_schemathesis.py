@@ -44,7 +44,10 @@ def keyed_api(model_env, tmp_path_factory):
            "THAI_MAX_TOKENS_LIMIT": "16", "THAI_ACCESS_LOG": "false",
            # ignored_auth probes a wrong key after each success: the wrong-key limit (tested in
            # test_attack_api) would soon answer the valid cases 429.
-           "THAI_AUTH_FAILURES_PER_MINUTE": "0"}
+           "THAI_AUTH_FAILURES_PER_MINUTE": "0",
+           # a text one character over its maxLength (1,000,000), \u-escaped, is 6-12 MB: the
+           # body limit would answer 413, which the negative-data check does not expect
+           "THAI_MAX_REQUEST_BYTES": str(16 * 1024 * 1024)}
     server = start_server(env, tmp_path_factory.mktemp("schemathesis"))
     yield server
     server.stop()

@@ -266,5 +266,5 @@ def test_parallel_tool_calls_false_keeps_one_call_under_auto():
 def test_stream_options_without_stream_and_unknown_stream_options_are_refused(client):
     r = chat(client, stream_options={"include_usage": True})
     assert r.status_code == 400 and "stream: true" in r.json()["error"]["message"]
-    r = chat(client, stream=True, stream_options={"continuous_usage_stats": True})
-    assert r.status_code == 400 and "continuous_usage_stats" in r.json()["error"]["param"]
+    r = chat(client, stream=True, stream_options={"per_token_usage": True})
+    assert r.status_code == 400 and "per_token_usage" in r.json()["error"]["param"]

@@ -132,12 +132,10 @@ def test_a_plain_prompt_goes_to_the_upstreams_completions_as_token_ids():
 
 
 # ------------------------------------------------- what an upstream engine may be sent
-VLLM_ONLY_FIELDS = [("best_of", 64), ("prompt_logprobs", 20), ("prompt_logprobs", 1),
-                    ("chat_template", "{{ raise_exception('x') }}"),
-                    ("chat_template_kwargs", {"enable_thinking": True}),
+VLLM_ONLY_FIELDS = [("best_of", 64), ("chat_template", "{{ raise_exception('x') }}"),
                     ("logits_processors", ["evil.module:Processor"]),
                     ("lora_request", {"lora_name": "x", "lora_path": "/etc"}),
-                    ("guided_decoding_backend", "xgrammar"), ("truncate_prompt_tokens", 1)]
+                    ("guided_decoding_backend", "xgrammar"), ("return_tokens_as_token_ids", True)]
 
 
 @pytest.fixture
@@ -154,6 +152,29 @@ def upstream_front():
     app = create_app(Settings.from_overrides({"enable_ui": False}), engine)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, engine
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_declared_vllm_fields_upstream(upstream_front, route):
+    """The template options and truncation are forwarded (the upstream applies its own
+    template); prompt log probabilities and token ids, which its text-only relay cannot
+    carry back, are a 400 naming them."""
+    client, engine = upstream_front
+    chat = route.endswith("chat/completions")
+    prompt = ({"messages": [{"role": "user", "content": "สวัสดี"}]} if chat else {"prompt": "สวัสดี"})
+    body = {"model": "thai-qwen-lora", "max_tokens": 4, **prompt, "truncate_prompt_tokens": 3}
+    if chat:
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+    response = client.post(route, json=body)
+    assert response.status_code == 200, response.text
+    passed = engine.requests[-1].passthrough
+    assert passed["truncate_prompt_tokens"] == 3 and len(engine.requests[-1].prompt_ids) == 3
+    if chat:
+        assert passed["chat_template_kwargs"] == {"enable_thinking": False}
+    for name, value in (("prompt_logprobs", 1), ("return_token_ids", True)):
+        response = client.post(route, json={**body, name: value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == name
+        assert "THAI_ENGINE=openai" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])

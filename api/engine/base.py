@@ -45,27 +45,43 @@ class EngineInfo:
 
 
 def chat_prompt_ids(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-                    tools: Sequence[dict] | None = None) -> list[int]:
+                    tools: Sequence[dict] | None = None, continue_final_message: bool = False,
+                    template_kwargs: dict | None = None) -> list[int]:
     """Token ids of the chat template applied to ``messages`` (and the ``tools`` the model
-    may call, which the template renders in its system turn), generation prompt added."""
+    may call, which the template renders in its system turn), generation prompt added;
+    ``continue_final_message`` leaves the last message open (an assistant prefill), and
+    ``template_kwargs`` are variables for the template (vLLM's ``chat_template_kwargs``)."""
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
                                         tools=list(tools) if tools else None,
-                                        tokenize=True, return_dict=False)
+                                        tokenize=True, return_dict=False,
+                                        **_template_options(continue_final_message, template_kwargs))
     return list(ids)
+
+
+def _template_options(continue_final_message: bool, template_kwargs: dict | None) -> dict:
+    """The optional template arguments, only when set (the defaults render as before)."""
+    options = dict(template_kwargs or {})
+    if continue_final_message:
+        options["continue_final_message"] = True
+    return options
 
 
 def chat_template_ids(tokenizer, messages: Sequence[dict], *,
                       add_generation_prompt: bool = True,
                       add_special_tokens: bool = False,
-                      tools: Sequence[dict] | None = None) -> list[int]:
+                      tools: Sequence[dict] | None = None,
+                      continue_final_message: bool = False,
+                      template_kwargs: dict | None = None) -> list[int]:
     """The chat template's ids as ``/tokenize`` makes them (vLLM: the template rendered to
     text, then tokenized with ``add_special_tokens``). Without special tokens, the very ids
     :func:`chat_prompt_ids` gives a chat completion."""
     if not add_special_tokens:
         return chat_prompt_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                               tools=tools)
+                               tools=tools, continue_final_message=continue_final_message,
+                               template_kwargs=template_kwargs)
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                         tools=list(tools) if tools else None, tokenize=False)
+                                         tools=list(tools) if tools else None, tokenize=False,
+                                         **_template_options(continue_final_message, template_kwargs))
     return list(tokenizer.encode(text, add_special_tokens=True))
 
 
@@ -189,10 +205,14 @@ class Engine(abc.ABC):
     def encode_messages(self, messages: Sequence[dict], *,
                         add_generation_prompt: bool = True,
                         add_special_tokens: bool = False,
-                        tools: Sequence[dict] | None = None) -> list[int]:
-        """The chat template's ids with the ``/tokenize`` options; the defaults give
-        :meth:`encode_chat`'s ids (what a chat completion's usage counts)."""
-        if add_generation_prompt and not add_special_tokens:
+                        tools: Sequence[dict] | None = None,
+                        continue_final_message: bool = False,
+                        template_kwargs: dict | None = None) -> list[int]:
+        """The chat template's ids with the ``/tokenize`` options (and a chat completion's
+        template options); the defaults give :meth:`encode_chat`'s ids (what a chat
+        completion's usage counts)."""
+        if (add_generation_prompt and not add_special_tokens and not continue_final_message
+                and not template_kwargs):
             return self.encode_chat(messages, tools)
         raise NotImplementedError(f"{type(self).__name__} supports only the default chat "
                                   "tokenization options")

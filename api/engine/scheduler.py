@@ -72,6 +72,8 @@ class Sequence:
     done: bool = False
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    output_ids: list[int] = field(default_factory=list)  # every generated id (token_ids)
+    ids_sent: int = 0
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -395,6 +397,7 @@ class BatchScheduler:
         seq.last_token_at = now
         seq.generated += 1
         seq.next_token = token
+        seq.output_ids.append(token)
         seq.rule.observe(token)
         reason, cut = None, -1
         matcher = seq.rule.matcher
@@ -423,13 +426,23 @@ class BatchScheduler:
         if reason is None and (seq.generated >= params.max_tokens
                                or seq.prompt_len + seq.generated >= self.bundle.max_context):
             reason = "length"
+        if reason is not None and cut < 0:
+            seq.detok.finish()  # a character left incomplete: shown as decode shows it
         text = seq.detok.take(final=reason is not None, cut_at=cut)
         if reason is not None:
             self._finish(seq, reason=reason, text=text)
         elif text or (seq.generated == 1 and seq.prompt_logprobs is not None):
             self._outbox.append((seq, GenerationChunk(
                 text, seq.prompt_len, seq.generated, logprobs=self._take_logprobs(seq),
-                prompt_logprobs=self._take_prompt_logprobs(seq))))
+                prompt_logprobs=self._take_prompt_logprobs(seq),
+                token_ids=self._take_token_ids(seq))))
+
+    @staticmethod
+    def _take_token_ids(seq: Sequence) -> tuple[int, ...]:
+        """The ids generated since the last chunk (return_token_ids)."""
+        taken = tuple(seq.output_ids[seq.ids_sent:])
+        seq.ids_sent = len(seq.output_ids)
+        return taken
 
     @staticmethod
     def _keep_logprob(seq: Sequence, logprob: TokenLogprob | None) -> None:
@@ -458,7 +471,8 @@ class BatchScheduler:
             return
         self._outbox.append((seq, GenerationChunk(
             text, seq.prompt_len, seq.generated, finished=True, finish_reason=reason, error=error,
-            logprobs=self._take_logprobs(seq), prompt_logprobs=self._take_prompt_logprobs(seq))))
+            logprobs=self._take_logprobs(seq), prompt_logprobs=self._take_prompt_logprobs(seq),
+            token_ids=self._take_token_ids(seq))))
 
     def _evict(self) -> None:
         keep = [i for i, s in enumerate(self._running) if not s.done]

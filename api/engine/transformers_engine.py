@@ -165,11 +165,14 @@ class TransformersEngine(Engine):
         return list(self._require_bundle().tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def encode_messages(self, messages: Seq[dict], *, add_generation_prompt: bool = True,
-                        add_special_tokens: bool = False, tools: Seq[dict] | None = None) -> list[int]:
+                        add_special_tokens: bool = False, tools: Seq[dict] | None = None,
+                        continue_final_message: bool = False,
+                        template_kwargs: dict | None = None) -> list[int]:
         return chat_template_ids(self._require_bundle().tokenizer, messages,
                                  add_generation_prompt=add_generation_prompt,
-                                 add_special_tokens=add_special_tokens, tools=tools)
-
+                                 add_special_tokens=add_special_tokens, tools=tools,
+                                 continue_final_message=continue_final_message,
+                                 template_kwargs=template_kwargs)
     def token_bytes(self, ids: Seq[int]) -> list[bytes]:
         return token_bytes(self._require_bundle().tokenizer, ids)
 

@@ -119,3 +119,6 @@ class GenerationChunk:
     logprobs: tuple[TokenLogprob, ...] = ()
     # With ``prompt_logprobs``, on the first chunk: the prompt's tokens (the first has none).
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    # The ids of the tokens generated since the previous chunk (EOS or a stop token included:
+    # as many in all as completion_tokens); empty from an engine that relays only text.
+    token_ids: tuple[int, ...] = ()

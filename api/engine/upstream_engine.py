@@ -367,11 +367,14 @@ class UpstreamEngine(Engine):
         return list(self._require_tokenizer().encode(text, add_special_tokens=add_special_tokens))
 
     def encode_messages(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-                        add_special_tokens: bool = False, tools: Sequence[dict] | None = None) -> list[int]:
+                        add_special_tokens: bool = False, tools: Sequence[dict] | None = None,
+                        continue_final_message: bool = False,
+                        template_kwargs: dict | None = None) -> list[int]:
         return chat_template_ids(self._require_tokenizer(), messages,
                                  add_generation_prompt=add_generation_prompt,
-                                 add_special_tokens=add_special_tokens, tools=tools)
-
+                                 add_special_tokens=add_special_tokens, tools=tools,
+                                 continue_final_message=continue_final_message,
+                                 template_kwargs=template_kwargs)
     def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
         return token_bytes(self._require_tokenizer(), ids)
 

@@ -28,12 +28,13 @@ register_url_convertor("model_name", _ModelNameConvertor())
 
 ENDPOINTS = {
     "GET /": "Server information and available endpoints",
+    "GET /version": "The server's version (vLLM)",
     "GET /health": "Liveness: health check and model status",
     "GET /ready": "Readiness: 503 while loading, draining or failed",
     "GET /v1/models": "List available models (OpenAI-compatible)",
     "GET /v1/models/{model}": "One model's card; 404 model_not_found for another name",
     "POST /v1/chat/completions": "OpenAI-compatible chat completions (streaming too)",
-    "POST /v1/completions": "OpenAI-compatible text completions of one prompt, text or token ids (vLLM's)",
+    "POST /v1/completions": "OpenAI-compatible text completions of prompts, texts or token ids (vLLM's)",
     "POST /v1/responses": "OpenAI's Responses API: input items, function tools, text.format, typed stream events",
     "GET /v1/responses/{id}": "A stored response (its creator only); DELETE forgets it",
     "POST /v1/summarize": "Thai text summarization (long texts in pieces; stream for progress)",
@@ -62,6 +63,12 @@ async def root(request: Request):
     settings = request.app.state.settings
     return ServerInfo(name="Thai LLM API", version=__version__,
                       model=settings.model.served_model_name, endpoints=ENDPOINTS)
+
+
+@router.get("/version", summary="Server version (vLLM's endpoint)")
+async def version() -> dict[str, str]:
+    """``{"version": ...}``, as vLLM answers: this server's version."""
+    return {"version": __version__}
 
 
 @router.get("/health", response_model=HealthResponse, summary="Health check and model status",

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from api.protocol import (
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorResponse,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from api.protocol import ErrorResponse
+from api.protocol_text import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from api.routes.deps import get_serving
 from api.serving import Serving
 

@@ -9,15 +9,18 @@ whose arguments match the function's JSON schema; with ``auto`` the model decide
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+from jinja2 import TemplateError
+
 from api.engine import GenerationChunk, GenerationRequest, GrammarSpec
 from api.engine.base import GenerationStream
-from api.errors import InvalidRequestError
+from api.errors import InvalidRequestError, clip
 from api.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -30,12 +33,12 @@ from api.protocol import (
     DeltaToolCall,
     FunctionCall,
     NamedToolChoice,
-    TokenizeRequest,
     ToolCall,
     Usage,
 )
-from api.serving.common import ServingBase, sse_relay, usage
-from api.serving.logprobs import TokenNames, chat_logprobs
+from api.protocol_text import TokenizeRequest
+from api.serving.common import INLINE_ENCODE_CHARS, ServingBase, sse_relay, usage
+from api.serving.logprobs import TokenNames, chat_logprobs, prompt_logprobs
 from api.serving.structured import grammar_for
 from api.serving.tool_parser import (
     ContentDelta,
@@ -58,6 +61,30 @@ class ChatPlan:
     tool_names: set[str]          # parse tool calls out of the text (empty: plain text)
     logprobs: bool
     parallel_tool_calls: bool     # false: a reply keeps only its first call
+    echo: str = ""                # echo: the text put before each reply
+    token_ids: bool = False       # return_token_ids
+    prompt_logprobs: bool = False
+
+
+# apply_chat_template's own arguments, which the server sets from the request: not template
+# variables (chat_template, a template of the client's, is never run).
+TEMPLATE_ARGUMENTS = frozenset({
+    "chat_template", "conversation", "messages", "tools", "documents", "tokenize", "padding",
+    "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "sanitize_control_tokens",
+    # the template's own functions, which a variable of that name would hide
+    "raise_exception", "strftime_now"})
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateOptions:
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict | None = None     # the template's variables (chat_template_kwargs)
+
+    @property
+    def default(self) -> bool:
+        return self.add_generation_prompt and not self.continue_final_message and not self.kwargs
 
 
 class ChatServing(ServingBase):
@@ -72,6 +99,14 @@ class ChatServing(ServingBase):
                 f"{len(request.messages)} messages is more than this server's limit of "
                 f"{self.settings.max_messages} (THAI_MAX_MESSAGES)", param="messages",
                 code="too_many_messages")
+        size = sum(len(m.text().encode()) + sum(len(c.function.arguments.encode())
+                                                for c in m.tool_calls or ())
+                   for m in request.messages)
+        if size > self.settings.max_chat_bytes:
+            raise InvalidRequestError(
+                f"the messages hold {size} bytes of text, more than this server's limit of "
+                f"{self.settings.max_chat_bytes} (THAI_MAX_CHAT_BYTES)", param="messages",
+                code="messages_too_large")
         messages: list[dict] = []
         for message in request.messages:
             role = "system" if message.role == "developer" else message.role
@@ -98,6 +133,76 @@ class ChatServing(ServingBase):
             raise InvalidRequestError(str(exc), param="messages") from None
         return messages, templated, tools
 
+    @staticmethod
+    def template_options(request: ChatCompletionRequest | TokenizeRequest) -> TemplateOptions:
+        """vLLM's template options: add_generation_prompt, continue_final_message and the
+        template variables of chat_template_kwargs. The kwargs may name the first two too
+        (vLLM lets them override), but not against the request's own fields; they may not
+        name apply_chat_template's own arguments (a client's template is never run)."""
+        kwargs = dict(request.chat_template_kwargs or {})
+        add = request.add_generation_prompt
+        add = True if add is None else add
+        options = {"add_generation_prompt": add,
+                   "continue_final_message": request.continue_final_message}
+        for key, ours in list(options.items()):
+            if key not in kwargs:
+                continue
+            value = kwargs.pop(key)
+            if not isinstance(value, bool):
+                raise InvalidRequestError(f"chat_template_kwargs.{key} must be true or false",
+                                          param="chat_template_kwargs")
+            if key in request.model_fields_set and value != ours:
+                raise InvalidRequestError(f"chat_template_kwargs.{key} ({str(value).lower()}) "
+                                          f"contradicts the request's {key} "
+                                          f"({str(ours).lower()})", param="chat_template_kwargs")
+            options[key] = value
+        refused = sorted(TEMPLATE_ARGUMENTS & kwargs.keys())
+        if refused:
+            reason = ("a chat template sent by the client is not run here" if refused[0] ==
+                      "chat_template" else "the server sets it from the request's own fields")
+            raise InvalidRequestError(f"chat_template_kwargs.{refused[0]} is not accepted: "
+                                      f"{reason}", param="chat_template_kwargs",
+                                      code="unsupported_field")
+        if options["continue_final_message"] and options["add_generation_prompt"]:
+            raise InvalidRequestError("continue_final_message needs add_generation_prompt: false",
+                                      param="continue_final_message")
+        if options["continue_final_message"] and (
+                not request.messages or request.messages[-1].role != "assistant"):
+            raise InvalidRequestError("continue_final_message continues the last message, "
+                                      "which must be the assistant's", param="messages")
+        return TemplateOptions(options["add_generation_prompt"], options["continue_final_message"],
+                               kwargs or None)
+
+    async def encode_with(self, options: TemplateOptions, messages: list[dict], tools: list[dict],
+                          add_special_tokens: bool = False) -> list[int]:
+        """The chat template's ids with these options (the defaults: :meth:`encode`'s path)."""
+        if options.default and not add_special_tokens:
+            return await self.encode(messages, tools or None)
+        size = sum(len(m.get("content") or "") for m in messages)
+
+        extra: dict = {}  # only what is set: an engine without these options still serves the rest
+        if options.continue_final_message:
+            extra["continue_final_message"] = True
+        if options.kwargs:
+            extra["template_kwargs"] = options.kwargs
+
+        def work() -> list[int]:
+            try:
+                return self.engine.encode_messages(
+                    messages, add_generation_prompt=options.add_generation_prompt,
+                    add_special_tokens=add_special_tokens, tools=tools or None, **extra)
+            except (ValueError, TemplateError) as exc:  # e.g. the prefill not in the render
+                raise InvalidRequestError(f"the chat template could not be applied with these "
+                                          f"options: {clip(str(exc), 300)}",
+                                          param="messages") from None
+            except Exception as exc:  # the client's variables broke the template some other way
+                if not options.kwargs:
+                    raise
+                raise InvalidRequestError(f"the chat template failed with these "
+                                          f"chat_template_kwargs: {clip(str(exc), 300)}",
+                                          param="chat_template_kwargs") from None
+        return work() if size < INLINE_ENCODE_CHARS else await asyncio.to_thread(work)
+
     def tool_grammar(self, request: ChatCompletionRequest) -> GrammarSpec | None:
         """The grammar that forces a tool call (tool_choice required or named), else None."""
         choice = request.tool_choice
@@ -116,9 +221,14 @@ class ChatServing(ServingBase):
         """The engine's requests for ``tenant`` (who asks: :mod:`api.engine.tenants`)."""
         self.check_model(request.model)
         self.check_openai_fields(request, "/v1/chat/completions", {
-            "n": request.n > 1, "logprobs": request.logprobs, "tools": bool(request.tools)})
+            "n": request.n > 1, "logprobs": request.logprobs, "tools": bool(request.tools),
+            "prompt_logprobs": request.prompt_logprobs is not None,
+            "return_token_ids": bool(request.return_token_ids)})
+        options = self.template_options(request)
         messages, templated, tools = self.template_input(request)
-        prompt_ids = await self.encode(templated, tools or None)
+        prompt_ids = self.truncate_prompt(await self.encode_with(options, templated, tools),
+                                          request.truncate_prompt_tokens)
+        self.check_prompt_logprobs(len(prompt_ids), request.prompt_logprobs)
         forced = self.tool_grammar(request)
         if forced is not None:
             _, asked = grammar_for(request)
@@ -131,13 +241,20 @@ class ChatServing(ServingBase):
         params = await self.openai_params(
             request, prompt_tokens=len(prompt_ids), max_tokens=request.requested_max_tokens(),
             no_repeat_ngram_size=no_repeat, logprobs=logprobs, grammar=forced,
-            grammar_param="tool_choice" if forced is not None else None)
+            grammar_param="tool_choice" if forced is not None else None,
+            prompt_logprobs=request.prompt_logprobs)
         gens = self.choice_requests(request.n, prompt_ids, params, messages=messages,
                                     passthrough=request.passthrough_fields(),
                                     tenant=self.tenant(tenant), priority=request.priority)
         parse = request.tools and request.tool_choice != "none"
         names = {t.function.name for t in request.tools or ()} if parse else set()
-        return ChatPlan(gens, names, request.logprobs, request.parallel_tool_calls is not False)
+        # vLLM's echo: the last message's content, when it is in the reply's role (the
+        # assistant's, or with add_generation_prompt false the last message's own).
+        role = "assistant" if options.add_generation_prompt else messages[-1]["role"]
+        echo = (messages[-1]["content"] or "") if request.echo and messages[-1]["role"] == role else ""
+        return ChatPlan(gens, names, request.logprobs, request.parallel_tool_calls is not False,
+                        echo=echo, token_ids=bool(request.return_token_ids),
+                        prompt_logprobs=request.prompt_logprobs is not None)
 
     async def chat_request(self, request: ChatCompletionRequest,
                            tenant: str | None = None) -> GenerationRequest:
@@ -160,32 +277,43 @@ class ChatServing(ServingBase):
                     content, calls = parsed_content, [
                         ToolCall(id=_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
                         for c in parsed]
+            if plan.echo:
+                content = plan.echo + (content or "")
             choices.append(ChatCompletionChoice(
                 index=index, message=ChatCompletionMessage(content=content, tool_calls=calls),
                 finish_reason="tool_calls" if calls else result.finish_reason,
-                logprobs=chat_logprobs(names, result.logprobs) if plan.logprobs else None))
+                logprobs=chat_logprobs(names, result.logprobs) if plan.logprobs else None,
+                token_ids=result.token_ids if plan.token_ids else None))
+        prompt = plan.gens[0].prompt_ids
         return ChatCompletionResponse(
             model=self.model_name, choices=choices,
-            usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)))
+            usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)),
+            prompt_logprobs=(prompt_logprobs(names, prompt, results[0].prompt_logprobs or ())
+                             if plan.prompt_logprobs else None),
+            prompt_token_ids=list(prompt) if plan.token_ids else None)
 
     async def chat_completion_stream(self, request: ChatCompletionRequest,
                                      tenant: str | None = None) -> AsyncIterator[str]:
         """Admit now (errors raise before streaming), then yield SSE ``data:`` lines."""
         plan = await self.chat_plan(request, tenant)
         streams = await self.open_streams(plan.gens)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return self._sse(streams, plan, include_usage)
+        options = request.stream_options
+        include_usage = bool(options and options.include_usage)
+        return self._sse(streams, plan, include_usage,
+                         bool(options and options.continuous_usage_stats))
 
     def _sse(self, streams: Sequence[GenerationStream], plan: ChatPlan,
-             include_usage: bool) -> AsyncIterator[str]:
+             include_usage: bool, continuous: bool = False) -> AsyncIterator[str]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         parsers = [StreamingToolCallParser(plan.tool_names) if plan.tool_names else None
                    for _ in streams]
         names = TokenNames(self.engine)
 
-        def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
+        def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None,
+                  prompt_token_ids: list[int] | None = None) -> str:
             chunk = ChatCompletionChunk(id=ident, created=created, model=self.model_name,
-                                        choices=choices, usage=usage)
+                                        choices=choices, usage=usage,
+                                        prompt_token_ids=prompt_token_ids)
             return f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
 
         def deltas(index: int, chunk: GenerationChunk) -> list[DeltaMessage]:
@@ -211,27 +339,37 @@ class ChatServing(ServingBase):
                         index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments))]))
             return out
 
-        def on_chunk(index: int, chunk: GenerationChunk) -> str | None:
+        def on_chunk(index: int, chunk: GenerationChunk, so_far: Usage | None) -> str | None:
             found = deltas(index, chunk)
             logprobs = (chat_logprobs(names, chunk.logprobs)
                         if plan.logprobs and chunk.logprobs else None)
-            if logprobs is not None and not found:
+            ids = list(chunk.token_ids) if plan.token_ids else None
+            if (logprobs is not None or ids) and not found:
                 found = [DeltaMessage()]
             lines = [event([ChatCompletionChunkChoice(index=index, delta=delta,
-                                                      logprobs=logprobs if i == 0 else None)])
+                                                      logprobs=logprobs if i == 0 else None,
+                                                      token_ids=ids if i == 0 else None)], so_far)
                      for i, delta in enumerate(found)]
             if chunk.finished:
                 parser = parsers[index]
                 reason = "tool_calls" if parser is not None and parser.calls else chunk.finish_reason
-                lines.append(event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(),
-                                                              finish_reason=reason)]))
+                lines.append(event([ChatCompletionChunkChoice(
+                    index=index, delta=DeltaMessage(), finish_reason=reason,
+                    token_ids=[] if plan.token_ids else None)], so_far))
             return "".join(lines) or None
 
+        prompt = plan.gens[0].prompt_ids
+        start = usage(len(prompt), 0) if continuous else None
         head = [event([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                             content=""))])
+                                                                             content=""))],
+                      start, list(prompt) if plan.token_ids and i == 0 else None)
                 for i in range(len(streams))]
+        if plan.echo:  # vLLM sends the echoed text right after the role
+            head += [event([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(
+                content=plan.echo))], start) for i in range(len(streams))]
         return sse_relay(streams, head, on_chunk,
-                         (lambda totals: event([], totals)) if include_usage else None)
+                         (lambda totals: event([], totals)) if include_usage else None,
+                         continuous_usage=continuous)
 
 
 def _call_id() -> str:

@@ -28,6 +28,9 @@ from api.settings import ModelSettings
 log = logging.getLogger("thai.serving")
 
 INLINE_ENCODE_CHARS = 4000  # shorter texts tokenize in well under a millisecond
+# Prompt log probabilities (prompt_logprobs, or echo with logprobs) hold prompt x vocabulary
+# floats while the prompt is prefilled: the prompt is refused above this many (1 GiB of float32).
+MAX_PROMPT_LOGPROB_FLOATS = 2**28
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -79,6 +82,7 @@ class Completion:
     finish_reason: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 class ServingBase:
@@ -131,21 +135,24 @@ class ServingBase:
                             max_tokens: int | None, no_repeat_ngram_size: int,
                             logprobs: int | None = None, prompt_logprobs: int | None = None,
                             grammar: GrammarSpec | None = None,
-                            grammar_param: str | None = None) -> SamplingParams:
+                            grammar_param: str | None = None,
+                            sequences: int | None = None) -> SamplingParams:
         """The OpenAI routes' sampling: vLLM's defaults (no max_tokens: the rest of the
         window, at most THAI_MAX_TOKENS_LIMIT and each choice's part of the output bounds,
         :meth:`output_room`; no n-gram blocking), its extensions, and
         the output constraint (``grammar``, else what the request's fields ask for),
-        checked by the engine now so a schema it cannot enforce is a 400."""
+        checked by the engine now so a schema it cannot enforce is a 400. ``sequences``:
+        how many sequences the request generates in all (several prompts x n; default n)."""
+        sequences = sequences or request.n
         if max_tokens is None:
             room = self.engine.info.max_context - prompt_tokens
             max_tokens = max(1, min(room, self.settings.max_tokens_limit,
-                                    self.output_room(request.n, logprobs)))
+                                    self.output_room(sequences, logprobs)))
         params = self.sampling_params(
             max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
             stop=request.stop, seed=request.seed, min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos, no_repeat_ngram_size=no_repeat_ngram_size)
-        self.check_output_bound(request.n, max_tokens, logprobs, prompt_tokens, prompt_logprobs)
+        self.check_output_bound(sequences, max_tokens, logprobs, prompt_tokens, prompt_logprobs)
         self.check_priority(request)
         if grammar is None:
             grammar, grammar_param = grammar_for(request)
@@ -256,6 +263,34 @@ class ServingBase:
         return gens
 
     # ------------------------------------------------------------ tokens
+    def truncate_prompt(self, ids: list[int], keep: int | None) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: the prompt's last ``keep`` tokens (-1: as many
+        as the context window holds); a 400 for more than the window or for 0."""
+        if keep is None:
+            return ids
+        window = self.engine.info.max_context
+        if keep == -1:
+            keep = window
+        if keep == 0 or keep > window:
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens is {keep}: it must be -1 or 1 to the context window "
+                f"({window} tokens)", param="truncate_prompt_tokens")
+        return ids[-keep:]
+
+    def check_prompt_logprobs(self, prompt_tokens: int, prompt_logprobs: int | None,
+                              param: str = "prompt_logprobs") -> None:
+        """Prompt log probabilities hold prompt x vocabulary floats while the prompt is
+        prefilled: a prompt above :data:`MAX_PROMPT_LOGPROB_FLOATS` of them is refused, and
+        an upstream engine (which relays text only) cannot give them."""
+        if prompt_logprobs is None:
+            return
+        vocab = self.engine.vocab_size
+        if prompt_tokens * vocab > MAX_PROMPT_LOGPROB_FLOATS:
+            raise InvalidRequestError(
+                f"prompt log probabilities are limited to prompts of "
+                f"{MAX_PROMPT_LOGPROB_FLOATS // vocab} tokens here; this one has "
+                f"{prompt_tokens}", param=param, code="prompt_too_long_for_logprobs")
+
     async def encode(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
         """Apply the chat template and tokenize; long texts off the event loop, so a
         200,000-character paste does not stall every other stream while it is tokenized."""
@@ -316,6 +351,7 @@ class ServingBase:
         """Read ``stream`` to its end (closing it whatever happens) into one completion;
         ``on_text`` sees each new piece of text as it arrives."""
         parts: list[str] = []
+        token_ids: list[int] = []
         logprobs: list[TokenLogprob] = []
         prompt_logprobs = None
         last: GenerationChunk | None = None
@@ -323,6 +359,7 @@ class ServingBase:
             async for chunk in stream:
                 parts.append(chunk.text)
                 logprobs.extend(chunk.logprobs)
+                token_ids.extend(chunk.token_ids)
                 if chunk.prompt_logprobs is not None:
                     prompt_logprobs = chunk.prompt_logprobs
                 if chunk.text and on_text is not None:
@@ -332,7 +369,7 @@ class ServingBase:
             await stream.aclose()
         assert last is not None and last.finished
         return Completion("".join(parts), last.prompt_tokens, last.completion_tokens,
-                          last.finish_reason or "stop", logprobs, prompt_logprobs)
+                          last.finish_reason or "stop", logprobs, prompt_logprobs, token_ids)
 
 
 def request_id() -> str:
@@ -378,27 +415,34 @@ async def merged(streams: Sequence[GenerationStream]) -> AsyncIterator[tuple[int
 
 
 async def sse_relay(streams: Sequence[GenerationStream], head: Sequence[str],
-                    event: Callable[[int, GenerationChunk], str | None],
-                    usage_event: Callable[[Usage], str] | None = None) -> AsyncIterator[str]:
+                    event: Callable[[int, GenerationChunk, Usage | None], str | None],
+                    usage_event: Callable[[Usage], str] | None = None, *,
+                    continuous_usage: bool = False,
+                    prompt_of: Sequence[int] | None = None) -> AsyncIterator[str]:
     """The SSE ``data:`` lines of an OpenAI-style stream (chat and text completions, one
     stream per choice): ``head`` first, each chunk as ``event`` makes it from its choice's
     index (None: nothing to send), the usage after the last choice finished when
-    ``usage_event`` is given (the prompt counted once, as vLLM does), then ``[DONE]``. A
-    mid-stream failure is an OpenAI error event before ``[DONE]``; the streams are closed
-    whatever happens (a client that leaves, even before the first line, stops them)."""
-    prompt_tokens, completion_tokens = 0, 0
+    ``usage_event`` is given (each prompt counted once, as vLLM does: ``prompt_of`` names
+    each stream's prompt, all the same one by default), then ``[DONE]``. With
+    ``continuous_usage`` (vLLM's ``continuous_usage_stats``) ``event`` is also given the
+    usage so far, for every chunk. A mid-stream failure is an OpenAI error event before
+    ``[DONE]``; the streams are closed whatever happens (a client that leaves, even before
+    the first line, stops them)."""
+    prompt_of = list(prompt_of) if prompt_of is not None else [0] * len(streams)
+    prompts: dict[int, int] = {}
+    generated = [0] * len(streams)
     try:
         for line in head:
             yield line
         async for index, chunk in merged(streams):
-            line = event(index, chunk)
+            prompts[prompt_of[index]] = chunk.prompt_tokens
+            generated[index] = chunk.completion_tokens
+            so_far = usage(sum(prompts.values()), sum(generated)) if continuous_usage else None
+            line = event(index, chunk, so_far)
             if line is not None:
                 yield line
-            if chunk.finished:
-                prompt_tokens = chunk.prompt_tokens
-                completion_tokens += chunk.completion_tokens
         if usage_event is not None:
-            yield usage_event(usage(prompt_tokens, completion_tokens))
+            yield usage_event(usage(sum(prompts.values()), sum(generated)))
     except Exception as exc:  # mid-stream failure: an OpenAI error event, then [DONE]
         _, body, _ = error_content(exc)
         yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -12,7 +12,8 @@ import math
 from collections.abc import Sequence
 
 from api.engine import Engine, TokenLogprob
-from api.protocol import ChatCompletionTokenLogprob, ChoiceLogprobs, CompletionLogprobs, TopLogprob
+from api.protocol import ChatCompletionTokenLogprob, ChoiceLogprobs, PromptLogprob, PromptLogprobs, TopLogprob
+from api.protocol_text import CompletionLogprobs
 
 LOGPROB_FLOOR = -9999.0  # vLLM's stand-in for -inf, which JSON cannot carry
 
@@ -81,4 +82,25 @@ def completion_logprobs(names: TokenNames, entries: Sequence[TokenLogprob], *, o
         top = {names.text(t): _value(lp) for t, lp in entry.top}
         top.setdefault(text, _value(entry.logprob))  # vLLM and OpenAI include the chosen one
         out.top_logprobs.append(top)
+    return out
+
+
+def prompt_logprobs(names: TokenNames, prompt_ids: Sequence[int],
+                    entries: Sequence[TokenLogprob | None]) -> PromptLogprobs:
+    """vLLM's ``prompt_logprobs``: per prompt token (the first None), token id -> logprob,
+    rank and text, the prompt's own token first, then the ``top`` alternatives (rank 1 is the
+    most likely; the prompt's token has a rank when it is among them, else null)."""
+    names.load([*prompt_ids, *_ids(entries)])
+    out: PromptLogprobs = []
+    for token_id, entry in zip(prompt_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        ranks = {t: rank for rank, (t, _) in enumerate(entry.top, 1)}
+        row = {str(token_id): PromptLogprob(logprob=_value(entry.logprob), rank=ranks.get(token_id),
+                                            decoded_token=names.text(token_id))}
+        for t, lp in entry.top:
+            row.setdefault(str(t), PromptLogprob(logprob=_value(lp), rank=ranks[t],
+                                                 decoded_token=names.text(t)))
+        out.append(row)
     return out

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from api.errors import InvalidRequestError
-from api.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from api.protocol_text import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from api.serving.chat import ChatServing
 from api.serving.common import INLINE_ENCODE_CHARS
 
@@ -31,17 +31,12 @@ class TokenizeServing(ChatServing):
         self.check_model(request.model)
         engine = self.engine
         if request.is_chat:
+            options = self.template_options(request)
             _, messages, tools = self.template_input(request)
-            add_generation_prompt = (True if request.add_generation_prompt is None
-                                     else request.add_generation_prompt)
             add_special_tokens = bool(request.add_special_tokens)  # false unless asked
             size = sum(len(m["content"]) for m in messages)
-            if add_generation_prompt and not add_special_tokens:
-                tokens = await self.encode(messages, tools or None)  # the chat completion's own path
-            else:
-                tokens = await _off_loop_if_long(size, lambda: engine.encode_messages(
-                    messages, add_generation_prompt=add_generation_prompt,
-                    add_special_tokens=add_special_tokens, tools=tools or None))
+            # the chat completion's own path with the same options
+            tokens = await self.encode_with(options, messages, tools, add_special_tokens)
         else:
             text = request.prompt or ""
             add_special_tokens = (True if request.add_special_tokens is None
