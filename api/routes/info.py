@@ -92,10 +92,20 @@ def model_card(request: Request) -> ModelCard:
                      demo=info.demo, max_model_len=info.max_context)
 
 
+def model_cards(request: Request) -> list[ModelCard]:
+    """The served model's card, then (adapters served unmerged) the base's and each
+    adapter's, whose ``parent`` is the base's name (vLLM's cards)."""
+    first = model_card(request)
+    cards = []
+    for served in request.app.state.engine.served_models():
+        cards.append(first.model_copy(update={"id": served.name, "parent": served.parent}))
+    return cards or [first]
+
+
 @router.get("/v1/models", response_model=ModelList, summary="List models (OpenAI-compatible)",
             responses={401: {"model": ErrorResponse}})
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[model_card(request)])
+    return ModelList(data=model_cards(request))
 
 
 @router.get("/v1/models/{model:model_name}", response_model=ModelCard,
@@ -104,7 +114,8 @@ async def list_models(request: Request) -> ModelList:
 async def retrieve_model(model: str, request: Request) -> ModelCard:
     """The served model's card; any other name is a 404 ``model_not_found`` (the ``openai``
     client raises ``NotFoundError``)."""
-    card = model_card(request)
-    if model != card.id:
-        raise ModelNotFoundError(model, card.id)
-    return card
+    cards = model_cards(request)
+    for card in cards:
+        if card.id == model:
+            return card
+    raise ModelNotFoundError(model, "`, `".join(card.id for card in cards))

@@ -134,7 +134,8 @@ class ChatServing(ServingBase):
             grammar_param="tool_choice" if forced is not None else None)
         gens = self.choice_requests(request.n, prompt_ids, params, messages=messages,
                                     passthrough=request.passthrough_fields(),
-                                    tenant=self.tenant(tenant), priority=request.priority)
+                                    tenant=self.tenant(tenant), priority=request.priority,
+                                    model=self.engine_model(request.model))
         parse = request.tools and request.tool_choice != "none"
         names = {t.function.name for t in request.tools or ()} if parse else set()
         return ChatPlan(gens, names, request.logprobs, request.parallel_tool_calls is not False)

@@ -72,7 +72,8 @@ class CompletionServing(ServingBase):
             prompt_logprobs=prompt_logprobs)
         gens = self.choice_requests(request.n, ids, params, plain_prompt=True,
                                     passthrough=request.passthrough_fields(),
-                                    tenant=self.tenant(tenant), priority=request.priority)
+                                    tenant=self.tenant(tenant), priority=request.priority,
+                                    model=self.engine_model(request.model))
         return gens, echo if request.echo else ""
 
     async def completion(self, request: CompletionRequest,
