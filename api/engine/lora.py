@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from api.engine.errors import AdapterError, AdapterInUseError, ModelLoadError, UnknownModelError  # noqa: F401
+from api.engine.errors import AdapterError, ModelLoadError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
