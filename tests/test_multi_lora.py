@@ -222,3 +222,20 @@ def test_start_refuses_a_bad_module_with_one_message(adapters, tmp_path):
 
     error = asyncio.run(main())
     assert error and "adapter 'B'" in error and "adapter_model.safetensors" in error
+
+
+def test_the_upstream_engine_passes_the_adapter_name_through():
+    """THAI_ENGINE=openai: THAI_LORA_MODULES's names are models here and the upstream's model
+    (vLLM serves its --lora-modules by name); other names stay 404s."""
+    from api.engine.upstream_engine import UpstreamEngine
+
+    engine = UpstreamEngine(ModelSettings(engine="openai", upstream_urls=["http://u:1"],
+                                          lora_modules=["news=/unused"]))
+    assert [(m.name, m.parent) for m in engine.served_models()] == [
+        ("thai-qwen-lora", None), ("news", "thai-qwen-lora")]
+    assert engine.serves("news") and not engine.serves("legal")
+    chat = [{"role": "user", "content": "สวัสดี"}]
+    body = engine.body(GenerationRequest([1], SamplingParams(), messages=chat, model="news"))
+    assert body["model"] == "news"
+    assert engine.body(GenerationRequest([1], SamplingParams(), messages=chat))["model"] == \
+        "thai-qwen-lora"
