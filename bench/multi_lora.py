@@ -101,6 +101,28 @@ async def throughput(engine, models: list[str | None], *, concurrency: int, requ
     return done / (time.perf_counter() - start)
 
 
+def forward_ms(engine, slots: list[int], *, rows: int, trials: int = 15, steps: int = 20) -> float:
+    """The best of ``trials`` mean times of a one-token forward over ``rows`` rows (the
+    decode step's matrix work without attention over a cache), rows on ``slots`` in turn:
+    the minimum is what the machine gives when no other process competes for it."""
+    import torch
+
+    model, lora = engine.bundle.model, engine.bundle.lora
+    if lora is not None:
+        lora.rows.set([slots[i % len(slots)] for i in range(rows)], torch.device(engine.bundle.device))
+    ids = torch.randint(0, 1000, (rows, 1), device=engine.bundle.device)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(trials):
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(input_ids=ids)
+            best = min(best, (time.perf_counter() - start) / steps)
+    if lora is not None:
+        lora.rows.set([], torch.device(engine.bundle.device))
+    return best * 1e3
+
+
 async def main_async(args) -> dict:
     from api.engine.transformers_engine import TransformersEngine
     from api.settings import ModelSettings
@@ -110,18 +132,21 @@ async def main_async(args) -> dict:
                   dtype=args.dtype, quantization="none", max_batch_size=max(16, args.concurrency),
                   prefix_caching=False, device=args.device)
     setups = {
-        "merged": ({}, [None]),
-        "per_row_1": ({"enable_lora": True}, [None]),
-        "per_row_2": ({"lora_modules": [f"B={lora_b}"]}, [None, "B"]),
+        "merged": ({}, [None], [0]),
+        "per_row_1": ({"enable_lora": True}, [None], [1]),
+        "per_row_2": ({"lora_modules": [f"B={lora_b}"]}, [None, "B"], [1, 2]),
     }
     best: dict[str, float] = {}
+    forward: dict[str, float] = {}
     for round_ in range(args.rounds):
-        for name, (overrides, models) in setups.items():
+        for name, (overrides, models, slots) in setups.items():
             engine = TransformersEngine(ModelSettings(**common, **overrides))
             await engine.start()
             await engine.wait_ready()
             assert engine.ready, engine.error
             try:
+                ms = forward_ms(engine, slots, rows=args.concurrency)  # the worker is idle
+                forward[name] = min(forward.get(name, float("inf")), ms)
                 await throughput(engine, models, concurrency=args.concurrency,
                                  requests=args.concurrency, tokens=4)  # warm-up
                 rate = await throughput(engine, models, concurrency=args.concurrency,
@@ -129,10 +154,14 @@ async def main_async(args) -> dict:
             finally:
                 await engine.stop()
             best[name] = max(best.get(name, 0.0), rate)
-            print(f"round {round_ + 1} {name:10s} {rate:8.1f} tok/s", flush=True)
+            print(f"round {round_ + 1} {name:10s} {rate:8.1f} tok/s, one-token forward of "
+                  f"{args.concurrency} rows {ms:.2f} ms", flush=True)
     return {"shape": args.shape, "concurrency": args.concurrency, "tokens": args.tokens,
             "requests": args.requests, "tok_s": {k: round(v, 1) for k, v in best.items()},
-            "ratio_vs_merged": {k: round(v / best["merged"], 3) for k, v in best.items()}}
+            "ratio_vs_merged": {k: round(v / best["merged"], 3) for k, v in best.items()},
+            "forward_ms": {k: round(v, 3) for k, v in forward.items()},
+            "forward_speed_vs_merged": {k: round(forward["merged"] / v, 3)
+                                        for k, v in forward.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:

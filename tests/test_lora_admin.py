@@ -89,7 +89,7 @@ def reference(demo_checkpoint, lora_root):
 def chat(client: openai.OpenAI, model: str, prompt: str) -> str:
     answer = client.chat.completions.create(model=model, temperature=0, max_tokens=16,
                                             messages=[{"role": "user", "content": prompt}])
-    assert answer.model
+    assert answer.model == model  # the request's model is echoed, as vLLM does
     return answer.choices[0].message.content
 
 
@@ -118,6 +118,22 @@ def test_model_picks_the_adapter_alone_and_mixed(server, reference):
     with ThreadPoolExecutor(8) as pool:
         mixed = list(pool.map(lambda job: chat(client, job[0], PROMPTS[job[1]]), jobs))
     assert mixed == [reference[model][i] for model, i in jobs]
+
+
+def test_summaries_run_the_requested_adapter(server):
+    """/v1/summarize takes the adapter too: never accepted and silently ignored."""
+    def summary(model):
+        reply = httpx.post(f"{server.url}/v1/summarize", timeout=120,
+                           headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"text": "ข่าววันนี้เกี่ยวกับเศรษฐกิจไทยและการท่องเที่ยว " * 3,
+                                 "model": model, "temperature": 0, "max_tokens": 12})
+        return reply.status_code, reply.json()
+
+    (ok_a, a), (ok_b, b), (ok_b2, b2) = summary("thai-qwen-lora"), summary("B"), summary("B")
+    assert ok_a == ok_b == ok_b2 == 200
+    assert b["summary"] == b2["summary"] != a["summary"]
+    status, body = summary("nope")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
 
 
 def test_admin_routes_need_the_admin_key(server):

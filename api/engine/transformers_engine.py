@@ -249,8 +249,10 @@ class TransformersEngine(Engine):
         with self._models_lock:
             if name in self._models:
                 raise AdapterError(f"a model named {name!r} is already served; unload it first")
-        spec = await asyncio.to_thread(lora.read, name, path, base_model=self.info.base_model or "",
-                                       max_rank=self.settings.max_lora_rank)
+        # in a thread of its own: torch ops in a pooled thread would leave an idle OpenMP
+        # team behind, which slows every decode step (see in_own_thread)
+        spec = await in_own_thread(lambda: lora.read(name, path, base_model=self.info.base_model
+                                                     or "", max_rank=self.settings.max_lora_rank))
         with self._models_lock:
             if name in self._models:
                 raise AdapterError(f"a model named {name!r} is already served; unload it first")

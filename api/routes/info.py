@@ -38,6 +38,8 @@ ENDPOINTS = {
     "POST /v1/summarize/document": "Summarize a file: .pdf, .docx, .html, .md, .txt (multipart)",
     "POST /tokenize": "Token ids of a text or a chat, as a chat completion counts them (vLLM)",
     "POST /detokenize": "Text of token ids (vLLM)",
+    "POST /v1/load_lora_adapter": "Load a LoRA adapter as a model (vLLM's; admin key)",
+    "POST /v1/unload_lora_adapter": "Unload a LoRA adapter (vLLM's; admin key)",
     "GET /docs": "Interactive API documentation (Swagger UI)",
     "GET /redoc": "Alternative API documentation",
     "GET /metrics": "Prometheus metrics",

@@ -166,7 +166,7 @@ class ChatServing(ServingBase):
                 finish_reason="tool_calls" if calls else result.finish_reason,
                 logprobs=chat_logprobs(names, result.logprobs) if plan.logprobs else None))
         return ChatCompletionResponse(
-            model=self.model_name, choices=choices,
+            model=plan.gens[0].model or self.model_name, choices=choices,
             usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)))
 
     async def chat_completion_stream(self, request: ChatCompletionRequest,
@@ -185,7 +185,8 @@ class ChatServing(ServingBase):
         names = TokenNames(self.engine)
 
         def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> str:
-            chunk = ChatCompletionChunk(id=ident, created=created, model=self.model_name,
+            chunk = ChatCompletionChunk(id=ident, created=created,
+                                        model=plan.gens[0].model or self.model_name,
                                         choices=choices, usage=usage)
             return f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
 

@@ -93,7 +93,7 @@ class CompletionServing(ServingBase):
             choices.append(CompletionChoice(index=index, text=echo + result.text,
                                             finish_reason=result.finish_reason, logprobs=logprobs))
         return CompletionResponse(
-            model=self.model_name, choices=choices,
+            model=gens[0].model or self.model_name, choices=choices,
             usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)))
 
     async def completion_stream(self, request: CompletionRequest,
@@ -107,7 +107,8 @@ class CompletionServing(ServingBase):
         offsets = [len(echo)] * len(gens)
 
         def event(choices: list[CompletionChoice], totals: Usage | None = None) -> str:
-            chunk = CompletionStreamResponse(id=ident, created=created, model=self.model_name,
+            chunk = CompletionStreamResponse(id=ident, created=created,
+                                             model=gens[0].model or self.model_name,
                                              choices=choices, usage=totals)
             return f"data: {chunk.model_dump_json()}\n\n"
 
