@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.engine.errors import (
+    AdapterError,
+    AdapterInUseError,
     ContextLengthExceededError,
     EngineDeadError,
     EngineError,
@@ -31,6 +33,7 @@ from api.engine.errors import (
     ModelNotReadyError,
     NoHealthyUpstreamError,
     UpstreamError,
+    UnknownModelError,
     UpstreamStatusError,
 )
 from api.protocol import ErrorDetail, ErrorResponse
@@ -87,6 +90,9 @@ ENGINE_ERRORS: dict[type[EngineError], tuple[int, str, str | None]] = {
     GenerationTimeoutError: (504, "timeout", "request_timeout"),
     NoHealthyUpstreamError: (503, "service_unavailable", "no_healthy_upstream"),
     UpstreamError: (502, "upstream_error", "upstream_failed"),
+    AdapterError: (400, "invalid_request_error", "invalid_lora_adapter"),
+    UnknownModelError: (404, "invalid_request_error", "model_not_found"),
+    AdapterInUseError: (409, "invalid_request_error", "lora_adapter_in_use"),
 }
 _TYPE_FOR_STATUS = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
                     503: "service_unavailable"}

@@ -655,6 +655,8 @@ class ModelCard(BaseModel):
     demo: bool = Field(False, description="True when serving the offline demo checkpoint.")
     max_model_len: int = Field(description="The context window in tokens (vLLM's field): prompt "
                                "plus completion must fit it.")
+    parent: str | None = Field(None, description="For a LoRA adapter served as a model, the "
+                               "base model's name (vLLM's field); null for a base model.")
 
 
 class ModelList(BaseModel):

@@ -46,6 +46,9 @@ from api.settings import ServerSettings, SettingsError
 
 PROBE_PATHS = frozenset({"/health", "/ready"})
 METRICS_PATH = "/metrics"
+# The adapter admin routes check THAI_ADMIN_KEYS themselves (api.routes.lora_admin): an API
+# key is not an admin key, and an admin key need not be an API key.
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 UI_PREFIX = "/ui"
 UI_REALM = 'Basic realm="Thai LLM UI", charset="UTF-8"'
 
@@ -147,6 +150,8 @@ def needs_key(path: str, method: str, headers: list[tuple[bytes, bytes]], server
               ui_mounted: bool) -> bool:
     """Whether this request must carry a key (assuming keys are configured)."""
     if path in PROBE_PATHS or method == "OPTIONS":  # CORS preflights carry no credentials
+        return False
+    if path in ADMIN_PATHS:
         return False
     if path == METRICS_PATH:
         return not server.metrics_public

@@ -27,6 +27,7 @@ from api.lifecycle import install_lifecycle
 from api.middleware import install_http_guards, install_proxy_guards
 from api.routes import completions, documents, info, openai_chat, summarize, tokenize
 from api.routes import responses as responses_routes
+from api.routes import lora_admin
 from api.security import install_access_control
 from api.serving import Serving
 from api.serving.response_store import ResponseStore
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(summarize.router, tags=["thai"])
     app.include_router(documents.router, tags=["thai"])
     app.include_router(tokenize.router, tags=["vllm"])
+    app.include_router(lora_admin.router, tags=["admin"])
     _install_metrics(app, engine)
     if settings.server.enable_ui:  # the Gradio UI at /ui/, same engine, in-process
         from thai_ui import mount_ui

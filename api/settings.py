@@ -213,6 +213,57 @@ class ModelSettings(BaseSettings):
         "rest is not read (the connection is closed).",
     )
 
+    # ----- several LoRA adapters over one base (vLLM's --enable-lora / --lora-modules)
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More LoRA adapters served at start, as name=folder pairs (comma separated, "
+        "vLLM's --lora-modules): each is a model in /v1/models whose parent is the base, and a "
+        "request's model picks it. THAI_LORA_PATH stays the default adapter, served as "
+        "THAI_SERVED_MODEL_NAME. With any, adapters are applied per request row, unmerged.",
+    )
+    enable_lora: bool = Field(
+        False, description="Serve adapters unmerged (per request row) even with one, so that "
+        "more can be loaded at run time (POST /v1/load_lora_adapter); implied by "
+        "THAI_LORA_MODULES. Off: the one adapter is merged as THAI_MERGE_LORA says.",
+    )
+    base_model_name: str = Field(
+        "", max_length=128,
+        description="Model name that picks the base model without any adapter when adapters are "
+        "served unmerged; empty: THAI_BASE_MODEL's last path part (Qwen2.5-1.5B-Instruct).",
+    )
+    max_lora_rank: int = Field(
+        64, ge=1, le=1024, description="Largest LoRA rank an adapter may have (vLLM's "
+        "--max-lora-rank); a larger one is refused at start or at load.",
+    )
+    lora_root: str = Field(
+        "", description="Folder under which POST /v1/load_lora_adapter may load adapters "
+        "(safetensors only); empty: loading at run time is off.",
+    )
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _modules_are_pairs(cls, value: list[str]) -> list[str]:
+        names = set()
+        for item in value:
+            name, sep, path = item.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not name or not path:
+                raise ValueError(f"{item!r} is not name=folder")
+            if len(name) > 128 or any(c.isspace() or not c.isprintable() for c in name):
+                raise ValueError(f"adapter name {name!r}: at most 128 printable characters, "
+                                 "no spaces")
+            if name in names:
+                raise ValueError(f"adapter name {name!r} is listed twice")
+            names.add(name)
+        return value
+
     @field_validator("upstream_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
@@ -470,14 +521,21 @@ class ServerSettings(BaseSettings):
         "the response store holds; below it as for the count (the largest client's oldest first).",
     )
 
-    @field_validator("api_keys", mode="before")
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Admin keys (comma separated, sent as 'Authorization: Bearer KEY') for the "
+        "routes that change what the server runs (POST /v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter); API keys are not admin keys. Empty: those routes are off.",
+    )
+
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys")
     @classmethod
     def _keys_are_tokens(cls, value: list[str]) -> list[str]:
         for key in value:
@@ -562,7 +620,7 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names it in one line."""
 
 
-SECRET_SETTINGS = frozenset({"api_keys", "upstream_api_key"})  # never echoed back in error messages
+SECRET_SETTINGS = frozenset({"api_keys", "upstream_api_key", "admin_keys"})  # never echoed back in error messages
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from api.engine.errors import ContextLengthExceededError
+from api.engine.errors import AdapterError, ContextLengthExceededError
 from api.engine.types import GenerationChunk, GenerationRequest, GrammarSpec
 
 
@@ -23,6 +23,16 @@ class EngineState(str, enum.Enum):
     READY = "ready"
     ERROR = "error"
     STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One name requests may use: the served model, the base without adapter, or an adapter
+    (``parent``: the base's name, vLLM's model card field)."""
+
+    name: str
+    parent: str | None = None
+    kind: str = "model"  # model (the served one), base, adapter
 
 
 @dataclass
@@ -257,6 +267,23 @@ class Engine(abc.ABC):
     def stats(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         return 0, 0
+
+    # ------------------------------------------------------ models and adapters
+    def served_models(self) -> list[ServedModel]:
+        """The names a request's ``model`` may give, the served model first."""
+        return [ServedModel(self.info.model_name)]
+
+    def serves(self, name: str | None) -> bool:
+        """Whether ``name`` (None: the served model) picks something this engine runs."""
+        return name is None or any(m.name == name for m in self.served_models())
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter at run time under ``name`` (raises AdapterError and the like)."""
+        raise AdapterError(f"{type(self).__name__} cannot load adapters at run time")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload the run-time or start-up adapter ``name``; refuses while requests use it."""
+        raise AdapterError(f"{type(self).__name__} cannot unload adapters at run time")
 
     def memory_mb(self) -> float | None:
         return None

@@ -219,6 +219,30 @@ def build_demo_checkpoint(
     return base_dir, lora_dir
 
 
+def derive_adapter(lora_dir: str | Path, out_dir: str | Path, *, seed: int = 1,
+                   scale: float = 0.05) -> Path:
+    """Write a second adapter for the same base: ``lora_dir``'s config and tokenizer files,
+    with its B matrices drawn again (seed ``seed``) so its output differs. For tests and
+    ``bench/multi_lora.py``: several adapters over one demo base, as a team that retrains has."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(lora_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and item.name != "adapter_model.safetensors":
+            shutil.copy2(item, out / item.name)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    for key, tensor in tensors.items():
+        if "lora_B" in key:
+            tensors[key] = (torch.randn(tensor.shape, generator=generator) * scale).to(tensor.dtype)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def ensure_demo_checkpoint(out_dir: str | Path) -> tuple[Path, Path]:
     """Build the default demo checkpoint unless a complete one is already there."""
     out = Path(out_dir)

@@ -62,3 +62,20 @@ class UpstreamStatusError(EngineError):
         super().__init__(message)
         self.status, self.error_type, self.code = status, error_type, code
         self.param, self.retry_after = param, retry_after
+
+
+class AdapterError(EngineError):
+    """An adapter that cannot be served (bad folder, config, shapes or base): a 400."""
+
+
+class UnknownModelError(EngineError):
+    """A model name this engine does not serve (or no longer): a 404 model_not_found."""
+
+    def __init__(self, name: str, served: list[str]):
+        super().__init__(f"The model `{name[:256]}` does not exist. This server serves "
+                         f"{', '.join(f'`{n}`' for n in served)}.")
+        self.name, self.param = name, "model"
+
+
+class AdapterInUseError(EngineError):
+    """Unloading an adapter that requests are still using: a 409, they are never broken."""

@@ -45,6 +45,30 @@ class ModelBundle:
     max_context: int
     quantization: str = "none"       # what runs (auto resolved)
     quantization_reason: str = "none: set by THAI_QUANTIZATION"
+    # Adapters served unmerged (THAI_LORA_MODULES / THAI_ENABLE_LORA): the wrapped layers,
+    # and each start-up adapter's slot by its model name (the default one's under the
+    # served name). None: the one adapter, if any, is merged (or peft's, unmerged).
+    lora: Any = None                  # api.engine.lora.LoraSet
+    lora_slots: dict[str, int] | None = None
+
+
+def multi_lora(settings: ModelSettings) -> bool:
+    """Whether adapters are served unmerged, per request row."""
+    return settings.enable_lora or bool(settings.lora_modules)
+
+
+def base_model_name(settings: ModelSettings, base_model: str) -> str:
+    """The model name that picks the base without adapter (THAI_BASE_MODEL_NAME)."""
+    return settings.base_model_name or Path(base_model.rstrip("/")).name or base_model
+
+
+def lora_modules(settings: ModelSettings) -> list[tuple[str, str]]:
+    """THAI_LORA_MODULES as (name, folder) pairs (the setting has checked their form)."""
+    pairs = []
+    for item in settings.lora_modules:
+        name, _, path = item.partition("=")
+        pairs.append((name.strip(), path.strip()))
+    return pairs
 
 
 def missing_adapter_message(lora_path: str) -> str | None:
@@ -196,7 +220,7 @@ def apply_quantization(model, settings: ModelSettings, device: str, dtype, token
     # auto
     if device != "cpu":
         return "none", "none: THAI_QUANTIZATION=auto quantizes on the CPU only"
-    if source.adapter and not settings.merge_lora:
+    if source.adapter and not settings.merge_lora and not multi_lora(settings):
         return "none", "none: THAI_QUANTIZATION=auto needs the adapter merged (THAI_MERGE_LORA=true)"
     return quantize.choose_cpu_quantization(model, quantize.probe_ids(tokenizer),
                                             settings.quantization_max_kl, cpu_flags())
@@ -215,7 +239,8 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     if cpu_int8 and device != "cpu":
         raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} is for the CPU; on a GPU "
                              "use 8bit or 4bit (bitsandbytes) or none")
-    if cpu_int8 and settings.lora_path and not settings.merge_lora:
+    multi = multi_lora(settings)
+    if cpu_int8 and settings.lora_path and not settings.merge_lora and not multi:
         raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} quantizes the merged "
                              "model: it needs THAI_MERGE_LORA=true")
     if settings.quantization == "w8a8":
@@ -252,7 +277,12 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         from api.engine.attention import use_cpu_decode_attention
 
         use_cpu_decode_attention(model)
-    if source.adapter:
+    lora = None
+    if multi:
+        from api.engine.lora import LoraSet
+
+        lora = LoraSet.wrap(model, dtype, device)  # before quantization, which keeps the wrappers
+    elif source.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source.adapter)
@@ -262,6 +292,7 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     quantization, quantization_reason = apply_quantization(model, settings, device, dtype,
                                                            tokenizer, source)
     log.info("quantization %s", quantization_reason)
+    lora_slots = load_start_adapters(lora, settings, source) if lora is not None else None
 
     eos: set[int] = set()
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -284,4 +315,32 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         source=source,
         eos_token_ids=tuple(sorted(eos)),
         max_context=max_context,
+        lora=lora,
+        lora_slots=lora_slots,
     )
+
+
+def load_start_adapters(lora, settings: ModelSettings, source: ModelSource) -> dict[str, int]:
+    """Read, check and install the default adapter (under the served name) and
+    THAI_LORA_MODULES; any problem stops the start with one clear message."""
+    from api.engine.errors import AdapterError
+
+    base_name = base_model_name(settings, source.base_model)
+    slots = {base_name: 0}
+    wanted = ([(settings.served_model_name, source.adapter)] if source.adapter else []) + \
+        lora_modules(settings)
+    if not source.adapter:
+        slots[settings.served_model_name] = 0
+    for name, path in wanted:
+        if name in slots and not (name == settings.served_model_name and source.adapter):
+            raise ModelLoadError(f"adapter name {name!r} is already the served or base model's "
+                                 "name (THAI_SERVED_MODEL_NAME, THAI_BASE_MODEL_NAME)")
+        try:
+            spec = lora.read(name, path, base_model=source.base_model,
+                             max_rank=settings.max_lora_rank)
+        except AdapterError as exc:
+            raise ModelLoadError(str(exc)) from None
+        slots[name] = lora.install(spec)
+        log.info("LoRA adapter %s: rank %d on %d layers, served per request row", name,
+                 spec.rank, len(spec.weights))
+    return slots

@@ -74,6 +74,7 @@ class Sequence:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     output_ids: list[int] = field(default_factory=list)  # every generated id (token_ids)
     ids_sent: int = 0
+    slot: int = 0  # the LoRA adapter its rows run (api.engine.lora; 0: none or the merged one)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -113,6 +114,11 @@ class BatchScheduler:
         self._prefilling = 0                          # admitted, in neither list during prefill
         self._kv = KVBatch()
         self._prefix = PrefixCache() if prefix_caching else None
+        # One prefix cache per adapter slot: a prefix's KV depends on the adapter, so
+        # entries are never shared between adapters. Slot 0's is ``_prefix``.
+        self._prefixes: dict[int, PrefixCache] = {0: self._prefix} if prefix_caching else {}
+        self.lora = bundle.lora  # api.engine.lora.LoraSet when adapters run per row
+        self._admitted: list[Sequence] = []           # being prefilled
         self._stopping = False
         self._failures = 0
         self._outbox: list[tuple[Sequence, GenerationChunk]] = []
@@ -137,7 +143,7 @@ class BatchScheduler:
         return len(self._running) + self._prefilling, len(self._waiting)
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
-               queue: asyncio.Queue) -> Sequence:
+               queue: asyncio.Queue, slot: int = 0) -> Sequence:
         if self.dead is not None:
             raise EngineDeadError(f"engine worker died: {self.dead!r}")
         params = request.params
@@ -159,7 +165,7 @@ class BatchScheduler:
         seq = Sequence(
             request=request, loop=loop, queue=queue,
             deadline=time.monotonic() + self.request_timeout_s,
-            detok=IncrementalDetokenizer(self.bundle.tokenizer, params.stop), rule=rule)
+            detok=IncrementalDetokenizer(self.bundle.tokenizer, params.stop), rule=rule, slot=slot)
         with self._lock:
             free_slots = self.max_batch_size - len(self._running) - self._prefilling
             if len(self._waiting) >= self.max_waiting + max(free_slots, 0):
@@ -176,6 +182,28 @@ class BatchScheduler:
             self.metrics.waiting.set(len(self._waiting))
             self._lock.notify_all()
         return seq
+
+    def users_of(self, slot: int) -> int:
+        """How many unfinished requests (waiting, being prefilled or running) use ``slot``."""
+        with self._lock:
+            live = list(self._waiting) + list(self._admitted) + list(self._running)
+        return sum(1 for seq in live if seq.slot == slot and not seq.done)
+
+    def forget_slot(self, slot: int) -> None:
+        """Drop an unloaded adapter's prefix cache (it has no requests left)."""
+        self._prefixes.pop(slot, None)
+
+    def _prefix_for(self, slot: int) -> PrefixCache | None:
+        if self._prefix is None:
+            return None
+        if slot not in self._prefixes:
+            self._prefixes[slot] = PrefixCache()
+        return self._prefixes[slot]
+
+    def _use_rows(self, seqs: list[Sequence]) -> None:
+        """Tell the LoRA layers which rows of the next forward run which adapter."""
+        if self.lora is not None:
+            self.lora.rows.set([s.slot for s in seqs], self.device)
 
     def abort(self, seq: Sequence) -> None:
         """Called when the client went away; the slot frees at the next step."""
@@ -206,11 +234,13 @@ class BatchScheduler:
                         break
                     admitted = self._admit_locked()
                     self._prefilling = len(admitted)
+                    self._admitted = admitted
                 self._expire()
                 if admitted:
                     self._guarded("prefill", admitted, lambda: self._prefill(admitted))
                     self._evict()
-                self._prefilling = 0
+                with self._lock:
+                    self._prefilling, self._admitted = 0, []
                 if self._running:
                     self._guarded("decode", list(self._running), self._decode_step)
                 self._evict()
@@ -275,8 +305,8 @@ class BatchScheduler:
                 self._finish(seq, error=error)
         self._running = []
         self._kv.clear()
-        if self._prefix is not None:  # its tensors may come from the failed step
-            self._prefix.clear()
+        for prefix in list(self._prefixes.values()):  # their tensors may come from the failed step
+            prefix.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -301,16 +331,22 @@ class BatchScheduler:
         for seq in [s for s in seqs if s.wants_prompt_logprobs]:
             self._prefill_group([seq], None, 0)
         seqs = [s for s in seqs if not s.wants_prompt_logprobs]
-        shared = ([s for s in seqs if self._prefix.match(s.request.prompt_ids)]
-                  if self._prefix is not None else [])
-        others = [s for s in seqs if s not in shared]
-        if shared:  # taken before `others` may teach the cache a new prefix
-            prefix_len = len(self._prefix.tokens)
-            past = self._prefix.past(len(shared))
-            self._prefix.hits += len(shared)
+        by_slot: dict[int, list[Sequence]] = {}
+        others = []
+        for seq in seqs:
+            prefix = self._prefix_for(seq.slot)
+            if prefix is not None and prefix.match(seq.request.prompt_ids):
+                by_slot.setdefault(seq.slot, []).append(seq)
+            else:
+                others.append(seq)
+        groups = []
+        for slot, shared in by_slot.items():  # taken before `others` may teach a new prefix
+            prefix = self._prefixes[slot]
+            groups.append((shared, prefix.past(len(shared)), len(prefix.tokens)))
+            prefix.hits += len(shared)
         if others:
             self._prefill_group(others, None, 0)
-        if shared:
+        for shared, past, prefix_len in groups:
             self._prefill_group(shared, past, prefix_len)
 
     @torch.inference_mode()
@@ -328,6 +364,7 @@ class BatchScheduler:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
         cache = past if past is not None else DynamicCache(config=self.model.config)
         every_position = len(seqs) == 1 and seqs[0].wants_prompt_logprobs
+        self._use_rows(seqs)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=cache, use_cache=True,
                          logits_to_keep=0 if every_position else 1)
@@ -336,8 +373,8 @@ class BatchScheduler:
         self.metrics.prompt_tokens.inc(sum(s.prompt_len for s in seqs))
         if self._prefix is not None and skip == 0:
             for i, seq in enumerate(seqs):
-                self._prefix.observe(seq.request.prompt_ids, out.past_key_values, i,
-                                     width - seq.prompt_len)
+                self._prefix_for(seq.slot).observe(seq.request.prompt_ids, out.past_key_values,
+                                                   i, width - seq.prompt_len)
         self._kv.join(out.past_key_values, mask)
         self._running.extend(seqs)
         self._sample_and_accept(out.logits[:, -1, :], seqs)
@@ -347,6 +384,7 @@ class BatchScheduler:
         seqs = self._running
         ids = torch.tensor([[s.next_token] for s in seqs], dtype=torch.long, device=self.device)
         mask, positions = self._kv.step_inputs()
+        self._use_rows(seqs)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=self._kv.cache, use_cache=True)
         self._kv.advance(mask)

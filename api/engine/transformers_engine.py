@@ -15,6 +15,7 @@ from api.engine.base import (
     EngineInfo,
     EngineState,
     GenerationStream,
+    ServedModel,
     chat_prompt_ids,
     chat_template_ids,
     check_context,
@@ -22,9 +23,12 @@ from api.engine.base import (
     tokenizer_vocab_size,
 )
 from api.engine.errors import (
+    AdapterError,
+    AdapterInUseError,
     EngineDeadError,
     ModelLoadError,
     ModelNotReadyError,
+    UnknownModelError,
 )
 from api.engine.loader import ModelBundle, load_model_bundle
 from api.engine.metrics import EngineMetrics
@@ -79,6 +83,12 @@ class TransformersEngine(Engine):
         self.scheduler = None  # BatchScheduler, created once the model is loaded
         self._load_task: asyncio.Task | None = None
         self._grammar_lock = threading.Lock()
+        # Model name -> LoRA slot (api.engine.lora; 0: no delta, or the merged adapter).
+        # Read and changed under _models_lock, so an unload cannot slip between a request's
+        # name lookup and its admission.
+        self._models: dict[str, int] = {settings.served_model_name: 0}
+        self._base_name: str | None = None
+        self._models_lock = threading.RLock()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -107,6 +117,11 @@ class TransformersEngine(Engine):
         self.info.quantization = bundle.quantization
         self.info.quantization_reason = bundle.quantization_reason
         self.info.max_context = bundle.max_context
+        if bundle.lora_slots is not None:
+            from api.engine.loader import base_model_name
+
+            self._base_name = base_model_name(self.settings, bundle.source.base_model)
+            self._models = dict(bundle.lora_slots)
         self.scheduler = BatchScheduler(
             bundle, max_batch_size=self.settings.max_batch_size,
             max_waiting=self.settings.max_waiting,
@@ -200,6 +215,71 @@ class TransformersEngine(Engine):
     def vocab_size(self) -> int:
         return tokenizer_vocab_size(self._require_bundle().tokenizer)
 
+    # ------------------------------------------------------- models, adapters
+    def served_models(self) -> list[ServedModel]:
+        """The served model first, then the base (when adapters run unmerged, it is servable
+        on its own), then the other adapters, whose parent is the base."""
+        served = self.settings.served_model_name
+        with self._models_lock:
+            names = list(self._models)
+        if self._base_name is None:
+            return [ServedModel(served)]
+        base = self._base_name
+        out = [ServedModel(served, parent=None if served == base else base)]
+        if base != served:
+            out.append(ServedModel(base, kind="base"))
+        out += [ServedModel(n, parent=base, kind="adapter") for n in names if n not in (served, base)]
+        return out
+
+    def _slot(self, name: str | None) -> int:
+        slot = self._models.get(self.settings.served_model_name if name is None else name)
+        if slot is None:
+            raise UnknownModelError(name or "", [m.name for m in self.served_models()])
+        return slot
+
+    def _lora(self):
+        bundle = self._require_bundle()
+        if bundle.lora is None:
+            raise AdapterError("adapters are merged into the base here, so no other can be "
+                               "loaded or unloaded; start with THAI_ENABLE_LORA=true (or "
+                               "THAI_LORA_MODULES) to serve several")
+        return bundle.lora
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Read and check the adapter off the event loop, then install it under a new slot:
+        running requests are not touched (the layers' weight maps are swapped whole)."""
+        lora = self._lora()
+        with self._models_lock:
+            if name in self._models:
+                raise AdapterError(f"a model named {name!r} is already served; unload it first")
+        # in a thread of its own: torch ops in a pooled thread would leave an idle OpenMP
+        # team behind, which slows every decode step (see in_own_thread)
+        spec = await in_own_thread(lambda: lora.read(name, path, base_model=self.info.base_model
+                                                     or "", max_rank=self.settings.max_lora_rank))
+        with self._models_lock:
+            if name in self._models:
+                raise AdapterError(f"a model named {name!r} is already served; unload it first")
+            self._models[name] = lora.install(spec)
+        log.info("LoRA adapter %s loaded: rank %d on %d layers", name, spec.rank, len(spec.weights))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload ``name`` unless requests use it (then AdapterInUseError: they finish first)."""
+        lora = self._lora()
+        with self._models_lock:
+            slot = self._models.get(name)
+            if slot is None or name == self._base_name or slot == 0:
+                if slot is None:
+                    raise UnknownModelError(name, [m.name for m in self.served_models()])
+                raise AdapterError(f"{name!r} is the base model, not an adapter")
+            users = self.scheduler.users_of(slot)
+            if users:
+                raise AdapterInUseError(f"adapter {name!r} is used by {users} unfinished "
+                                        "request(s); unload it once they have finished")
+            del self._models[name]
+        lora.remove(slot)
+        self.scheduler.forget_slot(slot)
+        log.info("LoRA adapter %s unloaded", name)
+
     # ----------------------------------------------------------- generation
     def generate(self, request: GenerationRequest) -> "LocalGenerationStream":
         """Admit the request now (errors raise here, before any byte is sent), stream later."""
@@ -207,7 +287,9 @@ class TransformersEngine(Engine):
         check_context(bundle.max_context, len(request.prompt_ids), request.params.max_tokens)
         assert self.scheduler is not None
         queue: asyncio.Queue[GenerationChunk] = asyncio.Queue()
-        seq = self.scheduler.submit(request, asyncio.get_running_loop(), queue)
+        with self._models_lock:  # the name's slot cannot be unloaded before it is admitted
+            slot = self._slot(request.model)
+            seq = self.scheduler.submit(request, asyncio.get_running_loop(), queue, slot=slot)
         return LocalGenerationStream(self.scheduler, seq, queue)
 
     def worker_error(self) -> BaseException | None:

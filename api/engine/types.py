@@ -77,6 +77,9 @@ class GenerationRequest:
     ``tenant``: who the work is for (:mod:`api.engine.tenants`): the local engine admits
     tenants in turn and bounds the anonymous UI's share of the batch. ``priority``: vLLM's
     field, lower sooner, ordering only this tenant's own waiting requests.
+    ``model``: the served model name the request picked, which says which LoRA adapter runs
+    (one of :meth:`~api.engine.base.Engine.served_models`; None: the served model itself).
+    How the adapter is applied (merged, or per row) is the engine's business.
     """
 
     prompt_ids: list[int]
@@ -87,6 +90,7 @@ class GenerationRequest:
     plain_prompt: bool = False
     tenant: str = "local"
     priority: int = 0
+    model: str | None = None
 
 
 @dataclass(frozen=True)

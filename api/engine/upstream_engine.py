@@ -48,6 +48,7 @@ from api.engine.base import (
     Engine,
     EngineInfo,
     EngineState,
+    ServedModel,
     chat_prompt_ids,
     chat_template_ids,
     check_context,
@@ -207,6 +208,16 @@ class UpstreamEngine(Engine):
     @property
     def upstream_model(self) -> str:
         return self.settings.upstream_model or self.settings.served_model_name
+
+    def served_models(self) -> list[ServedModel]:
+        """The served model, and THAI_LORA_MODULES's names, which are passed to the upstream
+        as the request's model (vLLM serves its --lora-modules by name; the folders are the
+        upstream's business)."""
+        from api.engine.loader import lora_modules
+
+        served = self.settings.served_model_name
+        return [ServedModel(served)] + [ServedModel(name, parent=served, kind="adapter")
+                                        for name, _ in lora_modules(self.settings) if name != served]
 
     def headers(self, request_id: str | None = None) -> dict[str, str]:
         # identity: a compressed body could expand past every bound on what is read
@@ -406,7 +417,7 @@ class UpstreamEngine(Engine):
         else:
             prompt = {"messages": request.messages}
         p = request.params
-        body: dict[str, Any] = {**request.passthrough, "model": self.upstream_model,
+        body: dict[str, Any] = {**request.passthrough, "model": request.model or self.upstream_model,
                                 **prompt, "max_tokens": p.max_tokens,
                                 "temperature": p.temperature, "top_p": p.top_p, "stream": True,
                                 "stream_options": {"include_usage": True}}

@@ -41,6 +41,8 @@ ENDPOINTS = {
     "POST /v1/summarize/document": "Summarize a file: .pdf, .docx, .html, .md, .txt (multipart)",
     "POST /tokenize": "Token ids of a text or a chat, as a chat completion counts them (vLLM)",
     "POST /detokenize": "Text of token ids (vLLM)",
+    "POST /v1/load_lora_adapter": "Load a LoRA adapter as a model (vLLM's; admin key)",
+    "POST /v1/unload_lora_adapter": "Unload a LoRA adapter (vLLM's; admin key)",
     "GET /docs": "Interactive API documentation (Swagger UI)",
     "GET /redoc": "Alternative API documentation",
     "GET /metrics": "Prometheus metrics",
@@ -101,10 +103,20 @@ def model_card(request: Request) -> ModelCard:
                      demo=info.demo, max_model_len=info.max_context)
 
 
+def model_cards(request: Request) -> list[ModelCard]:
+    """The served model's card, then (adapters served unmerged) the base's and each
+    adapter's, whose ``parent`` is the base's name (vLLM's cards)."""
+    first = model_card(request)
+    cards = []
+    for served in request.app.state.engine.served_models():
+        cards.append(first.model_copy(update={"id": served.name, "parent": served.parent}))
+    return cards or [first]
+
+
 @router.get("/v1/models", response_model=ModelList, summary="List models (OpenAI-compatible)",
             responses={401: {"model": ErrorResponse}})
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[model_card(request)])
+    return ModelList(data=model_cards(request))
 
 
 @router.get("/v1/models/{model:model_name}", response_model=ModelCard,
@@ -113,7 +125,8 @@ async def list_models(request: Request) -> ModelList:
 async def retrieve_model(model: str, request: Request) -> ModelCard:
     """The served model's card; any other name is a 404 ``model_not_found`` (the ``openai``
     client raises ``NotFoundError``)."""
-    card = model_card(request)
-    if model != card.id:
-        raise ModelNotFoundError(model, card.id)
-    return card
+    cards = model_cards(request)
+    for card in cards:
+        if card.id == model:
+            return card
+    raise ModelNotFoundError(model, "`, `".join(card.id for card in cards))

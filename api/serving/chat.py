@@ -245,7 +245,8 @@ class ChatServing(ServingBase):
             prompt_logprobs=request.prompt_logprobs)
         gens = self.choice_requests(request.n, prompt_ids, params, messages=messages,
                                     passthrough=request.passthrough_fields(),
-                                    tenant=self.tenant(tenant), priority=request.priority)
+                                    tenant=self.tenant(tenant), priority=request.priority,
+                                    model=self.engine_model(request.model))
         parse = request.tools and request.tool_choice != "none"
         names = {t.function.name for t in request.tools or ()} if parse else set()
         # vLLM's echo: the last message's content, when it is in the reply's role (the
@@ -286,7 +287,7 @@ class ChatServing(ServingBase):
                 token_ids=result.token_ids if plan.token_ids else None))
         prompt = plan.gens[0].prompt_ids
         return ChatCompletionResponse(
-            model=self.model_name, choices=choices,
+            model=plan.gens[0].model or self.model_name, choices=choices,
             usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)),
             prompt_logprobs=(prompt_logprobs(names, prompt, results[0].prompt_logprobs or ())
                              if plan.prompt_logprobs else None),
@@ -311,7 +312,8 @@ class ChatServing(ServingBase):
 
         def event(choices: list[ChatCompletionChunkChoice], usage: Usage | None = None,
                   prompt_token_ids: list[int] | None = None) -> str:
-            chunk = ChatCompletionChunk(id=ident, created=created, model=self.model_name,
+            chunk = ChatCompletionChunk(id=ident, created=created,
+                                        model=plan.gens[0].model or self.model_name,
                                         choices=choices, usage=usage,
                                         prompt_token_ids=prompt_token_ids)
             return f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"

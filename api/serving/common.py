@@ -102,8 +102,16 @@ class ServingBase:
         return self.settings.served_model_name
 
     def check_model(self, name: str | None) -> None:
-        if name and name != self.model_name:
-            raise ModelNotFoundError(name, self.model_name)
+        """A 404 model_not_found unless ``name`` is a model the engine serves (the served
+        model, or with several LoRA adapters, an adapter's or the base's name)."""
+        if name and not self.engine.serves(name):
+            served = ", ".join(f"`{m.name}`" for m in self.engine.served_models())
+            raise ModelNotFoundError(name, served.strip("`"))
+
+    def engine_model(self, name: str | None) -> str | None:
+        """What a GenerationRequest's ``model`` gets: the name that picks the adapter, None
+        for the served model (so an engine that serves one model sees nothing new)."""
+        return None if not name or name == self.model_name else name
 
     # ------------------------------------------------------------ sampling
     def sampling_params(self, *, max_tokens: int | None, temperature: float | None,

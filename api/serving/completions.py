@@ -111,7 +111,8 @@ class CompletionServing(ServingBase):
                 prompt_logprobs=engine_prompt_logprobs, sequences=len(prompts) * request.n)
             gens = self.choice_requests(request.n, ids, params, plain_prompt=True,
                                         passthrough=request.passthrough_fields(),
-                                        tenant=self.tenant(tenant), priority=request.priority)
+                                        tenant=self.tenant(tenant), priority=request.priority,
+                                        model=self.engine_model(request.model))
             if len(prompts) > 1:
                 gens = [dataclasses.replace(g, request_id=f"{g.request_id}-p{number}") for g in gens]
             plans.append(PromptPlan(gens, text if request.echo else ""))
@@ -144,7 +145,7 @@ class CompletionServing(ServingBase):
                 token_ids=result.token_ids if request.return_token_ids else None))
         prompt_tokens = sum(results[i * request.n].prompt_tokens for i in range(len(plans)))
         return CompletionResponse(
-            model=self.model_name, choices=choices,
+            model=gens[0].model or self.model_name, choices=choices,
             usage=usage(prompt_tokens, sum(r.completion_tokens for r in results)))
 
     async def completion_stream(self, request: CompletionRequest,
@@ -162,7 +163,8 @@ class CompletionServing(ServingBase):
         first = [True] * len(gens)  # prompt_token_ids go on a choice's first chunk
 
         def event(choices: list[CompletionChoice], totals: Usage | None = None) -> str:
-            chunk = CompletionStreamResponse(id=ident, created=created, model=self.model_name,
+            chunk = CompletionStreamResponse(id=ident, created=created,
+                                             model=gens[0].model or self.model_name,
                                              choices=choices, usage=totals)
             return f"data: {chunk.model_dump_json()}\n\n"
 

@@ -92,6 +92,7 @@ class _Plan:
     pieces: list[str] | None = None  # ... or it is split into these
     document: DocumentInfo | None = None
     tenant: str = LOCAL_TENANT  # whom every call is for (api.engine.tenants)
+    model: str | None = None  # the adapter every call runs (GenerationRequest.model)
 
 
 class SummaryError(InvalidRequestError):
@@ -236,7 +237,7 @@ class SummarizeServing(ServingBase):
         messages = self.summary_messages(request.text)
         return GenerationRequest(prompt_ids=await self.encode(messages), params=params,
                                  request_id=request_id(), messages=messages,
-                                 tenant=self.tenant(tenant))
+                                 tenant=self.tenant(tenant), model=self.engine_model(request.model))
 
     # --------------------------------------------------------- public API
     async def summarize(self, request: SummarizeRequest, *,
@@ -271,6 +272,7 @@ class SummarizeServing(ServingBase):
         plan = await self._plan(text, options, self.summary_params(options))
         plan.document = document
         plan.tenant = self.tenant(tenant)
+        plan.model = self.engine_model(options.model)
         run = SummaryRun(lambda emit: self._produce(plan, emit))
         await run._start()
         return run
@@ -413,7 +415,7 @@ class SummarizeServing(ServingBase):
     async def _final_call(self, round_: int, messages: list[dict[str, str]], ids: list[int],
                           plan: _Plan, emit: Callable[[SummaryEvent], None]) -> Completion:
         gen = GenerationRequest(prompt_ids=ids, params=plan.params, request_id=request_id(),
-                                messages=messages, tenant=plan.tenant)
+                                messages=messages, tenant=plan.tenant, model=plan.model)
         stream = await (self.open_stream(gen) if round_ == 1 else self._open_retrying(gen))
         emit(SummarizeProgress(round=round_, chunks_done=0, chunks_total=1, final=True))
         return await self.collect(stream, lambda text: emit(SummarizeDelta(delta=text)))
@@ -421,7 +423,8 @@ class SummarizeServing(ServingBase):
     async def _piece_request(self, piece: str, plan: _Plan) -> GenerationRequest:
         messages = self._prompt_messages(piece)
         return GenerationRequest(prompt_ids=await self.encode(messages), params=plan.piece_params,
-                                 request_id=request_id(), messages=messages, tenant=plan.tenant)
+                                 request_id=request_id(), messages=messages, tenant=plan.tenant,
+                                 model=plan.model)
 
     async def _summarize_pieces(self, round_: int, pieces: list[str], plan: _Plan,
                                 emit: Callable[[SummaryEvent], None]) -> list[Completion]:
