@@ -43,6 +43,10 @@ def test_a_taken_port_ends_the_start_before_the_model_loads(model_env, tmp_path)
                      f"choose another port with THAI_PORT=<port> or --port <port>"], output
     assert not any(marker in output for marker in MODEL_LOAD_LINES)
     assert elapsed < 20, "a generous bound for a busy machine: the check precedes every import"
+    # README's troubleshooting quotes this very line (for the default address)
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    quoted = lines[0].replace(f"127.0.0.1:{port}", "0.0.0.0:8001")
+    assert quoted in readme, quoted
 
 
 def test_the_port_flag_is_named_the_same_way(model_env):
