@@ -66,7 +66,7 @@ def ui_server(model_env, tmp_path_factory):
     server = start_server({**model_env, "THAI_DRAIN_TIMEOUT_S": "30"},
                           tmp_path_factory.mktemp("stop"))
     yield server
-    server.stop(signal.SIGKILL)
+    server.stop()  # SIGTERM first (a test that failed early): its helpers stop with it
 
 
 def _log_time(log: str, marker: str) -> float:
