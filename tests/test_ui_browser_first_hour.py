@@ -114,8 +114,10 @@ def test_banner_footer_and_favicon(page, ui_server):
     assert footer and not footer.endswith("·"), repr(footer)
 
     icon = page.evaluate("document.querySelector('link[rel~=icon]').href")
-    status = page.evaluate("async (u) => (await fetch(u)).status", icon)
-    assert status == 200, icon
+    assert icon == ui_server.url + "/ui/favicon.ico"
+    fetched = page.evaluate("async (u) => { const r = await fetch(u); "
+                            "return [r.status, r.headers.get('content-type')]; }", icon)
+    assert fetched == [200, "image/x-icon"], fetched  # the app's icon, not Gradio's logo
     response = httpx.get(ui_server.url + "/favicon.ico", timeout=10)
     assert response.status_code == 200 and response.headers["content-type"] == "image/x-icon"
     assert response.content[:4] == b"\x00\x00\x01\x00"  # an ICO file

@@ -19,6 +19,8 @@ from pathlib import Path
 import gradio as gr
 
 FONT_DIR = Path(__file__).resolve().parents[1] / "assets" / "fonts"
+# The app's icon, served at the UI's own favicon.ico (public with the UI) and at /favicon.ico.
+FAVICON = FONT_DIR.parent / "favicon.ico"
 # Served by the app below the UI's own mount point (registered before it, so it wins),
 # and linked relative to the UI page.
 FONT_SUBPATH = "fonts"
@@ -60,8 +62,7 @@ def build_head() -> str:
     return (f'<link rel="stylesheet" href="{FONT_SUBPATH}/fonts.css">\n'
             '<meta name="description" content="สรุปข้อความภาษาไทยและสนทนากับโมเดล / '
             'Thai summarization and chat">\n'
-            # the app's own icon (api.server), one level up from the UI page
-            '<link rel="icon" href="../favicon.ico" type="image/x-icon">\n' + TOAST_TITLES_JS)
+            '<link rel="icon" href="favicon.ico" type="image/x-icon">\n' + TOAST_TITLES_JS)
 
 
 def build_css() -> str:
