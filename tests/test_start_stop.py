@@ -88,10 +88,12 @@ def test_sigterm_stops_helpers_and_exits_promptly_after_the_drain(ui_server, bro
     page = browser.new_page()
     try:
         page.goto(ui_server.url + "/ui/")
+        page.wait_for_selector('#model-status [data-state="ready"]', timeout=120_000)
         text = "ข่าววันนี้ " * 600  # past IN_PROCESS_CHARS: counted in the counting process
         page.locator("#thai-input textarea").fill(text)
+        # generous: the counting process is spawned on first use (imports PyThaiNLP)
         page.locator("#text-stats").filter(has_text=f"words: {count_words(text):,}").wait_for(
-            timeout=60_000)
+            timeout=240_000)
     finally:
         page.close()
     server = psutil.Process(ui_server.pid)
