@@ -21,13 +21,21 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # The port first: a taken one ends the start in milliseconds, before the model loads.
+    from api.lifecycle import PortInUse, bind_listening_socket
+
+    try:
+        listener = bind_listening_socket(settings.server.host, settings.server.port)
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3  # uvicorn's own code for a failed start
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
 
     import uvicorn
 
     from api.http_protocol import guarded_protocol
-    from api.lifecycle import DrainingServer
+    from api.lifecycle import DrainingServer, release_at_exit
     from api.log_streams import route_std_streams_to_logging
     from api.middleware import install_log_sanitizer, install_request_id_logging
     from api.server import create_app
@@ -37,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = create_app(settings)
     except SettingsError as exc:  # e.g. an unreadable API key file
+        listener.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # log_config=None: uvicorn's loggers (access log included) go through the root
@@ -62,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     streams = sys.stdout, sys.stderr
     route_std_streams_to_logging()
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         sys.stdout, sys.stderr = streams
+        stopped, threads = release_at_exit()
+        logging.getLogger("thai.lifecycle").info(
+            "exiting: %d helper process(es) stopped, non-daemon threads left: %s",
+            stopped, ", ".join(threads) or "none")
     if app.state.fatal_error:
         print(f"error: {app.state.fatal_error}", file=sys.stderr)
         return 1

@@ -12,8 +12,10 @@ import logging
 import os
 import signal
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Response
+from fastapi.responses import FileResponse
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
@@ -107,6 +109,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(tokenize.router, tags=["vllm"])
     app.include_router(lora_admin.router, tags=["admin"])
     _install_metrics(app, engine)
+    _install_favicon(app)
     if settings.server.enable_ui:  # the Gradio UI at /ui/, same engine, in-process
         from thai_ui import mount_ui
 
@@ -130,6 +133,19 @@ def _install_metrics(app: FastAPI, engine: Engine) -> None:
             engine_metrics.waiting.set(waiting)
             payload += generate_latest(engine_metrics.registry)
         return Response(payload, media_type=CONTENT_TYPE_LATEST)
+
+
+FAVICON = Path(__file__).resolve().parents[1] / "assets" / "favicon.ico"
+
+
+def _install_favicon(app: FastAPI) -> None:
+    """Browsers ask every site for /favicon.ico (the API docs, a JSON answer): a 404 in
+    every page's console and log otherwise."""
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(FAVICON, media_type="image/x-icon",
+                            headers={"Cache-Control": "public, max-age=86400"})
 
 
 async def _exit_if_load_fails(app: FastAPI, engine: Engine, settings: Settings) -> None:

@@ -4,6 +4,8 @@ mounted app answered through FastAPI's test client."""
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 import logging
 
@@ -113,6 +115,9 @@ def test_status_banner_for_each_state():
     engine.info.quantization = "w8a8"
     engine.info.quantization_reason = "w8a8 chosen by THAI_QUANTIZATION=auto: KL 0.0050 <limit>"
     assert "w8a8 chosen by THAI_QUANTIZATION=auto: KL 0.0050 &lt;limit&gt;" in status_html(engine)
+    # ... in the tooltip only: the words an analyst reads are plain
+    visible = re.sub(r"<[^>]+>", "", status_html(engine))
+    assert "fast CPU mode" in visible and "THAI_" not in visible and "KL" not in visible
     engine.info.base_model, engine.info.adapter = "/srv/alice/models/base", "/srv/alice/lora"
     assert "/srv/alice" not in status_html(engine) and "LoRA adapter" in status_html(engine)  # ... a folder never
     engine.state, engine.error = EngineState.ERROR, "no <weights>"

@@ -31,6 +31,7 @@ STATUS_POLL_S = 2.0
 # The live counters (tokenizer + word segmentation, CPU-bound) run one at a time for all
 # visitors together, so anonymous typing can never take more than one core from generation.
 STATS_CONCURRENCY = {"concurrency_limit": 1, "concurrency_id": "text-stats"}
+CLEAR_RESULTS_JS = "() => ['', '']"
 DEFAULT_CHAT_SYSTEM = "คุณเป็นผู้ช่วยที่ตอบเป็นภาษาไทยอย่างสุภาพ ถูกต้อง และกระชับ"
 
 
@@ -115,15 +116,23 @@ def _summarize_tab(handlers: UIHandlers,
                  outputs=[max_tokens], api_visibility="private", queue=False)
     max_tokens.input(lambda _: CUSTOM, inputs=[max_tokens], outputs=[length],
                      api_visibility="private", queue=False)
+    # A result belongs to the text it was made from: a changed text (typed, an example, a
+    # chosen document) and a new run clear the summary and its line, in the browser at once.
+    for trigger in (text.change, document.upload, button.click):
+        trigger(None, js=CLEAR_RESULTS_JS, outputs=[summary, usage], queue=False,
+                api_visibility="private", show_progress="hidden")
     for trigger in (text.change, max_tokens.change):
         trigger(handlers.stats_markdown, inputs=[text, max_tokens], outputs=[stats],
                 trigger_mode="always_last", show_progress="hidden", api_visibility="private",
                 **STATS_CONCURRENCY)
+    # show_progress="hidden": an error is said once, in the toast (Thai and English), not
+    # also as red badges over the outputs; the line under the summary shows the progress.
     button.click(handlers.summarize, inputs=[text, max_tokens, temperature],
-                 outputs=[summary, usage], api_name="summarize", concurrency_limit=None)
+                 outputs=[summary, usage], api_name="summarize", concurrency_limit=None,
+                 show_progress="hidden")
     # A chosen file's text goes into the box (editable; the counters follow it).
     document.upload(handlers.load_document, inputs=[document], outputs=[text, document_info],
-                    api_visibility="private", concurrency_limit=None)
+                    api_visibility="private", concurrency_limit=None, show_progress="hidden")
     document.clear(lambda: document_hint, outputs=[document_info], api_visibility="private",
                    queue=False)
     # API only (gradio_client): a document's summary in one call. The button is never shown.

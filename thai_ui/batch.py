@@ -30,6 +30,7 @@ from api.engine.base import GenerationStream
 
 MAX_ROWS = 1000
 MAX_RUNNING_BATCHES = 4
+RECENT_ROWS = 5  # finished rows named under the batch bar
 
 
 def batch_slots(max_batch_size: int | None) -> int:
@@ -155,6 +156,11 @@ class BatchJob:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def finished_rows(self, last: int = RECENT_ROWS) -> list[tuple[str, bool]]:
+        """(row label, ok) of the latest finished rows, newest last: rows as they finish."""
+        return [(str(r.row.row if r.row.row is not None else r.row.key), r.ok)
+                for r in self.results[-last:]]
+
 
 class BatchBusy(Exception):
     """``"session"``: this session already runs one; ``"client"``: this client (in another
@@ -208,8 +214,10 @@ class BatchJobs:
 
 # ============================================================ display
 def progress_html(state: str, *, done: int = 0, total: int = 0, errors: int = 0,
-                  seconds: float | None = None, note: str = "") -> str:
-    """The batch tab's progress: a bar and one line, Thai then English."""
+                  seconds: float | None = None, note: str = "",
+                  finished: list[tuple[str, bool]] | None = None) -> str:
+    """The batch tab's progress: a bar, one line (Thai then English) and the rows that
+    finished last (spreadsheet row numbers, ✓ or ✗)."""
     bar = (f'<progress value="{done}" max="{max(total, 1)}" aria-label="rows done"></progress>'
            if total else "")
     parts = []
@@ -221,9 +229,13 @@ def progress_html(state: str, *, done: int = 0, total: int = 0, errors: int = 0,
     line = " · ".join(parts)
     label = html.escape(STATE_LABELS.get(state, state))
     note_html = f'<div class="batch-note">{html.escape(note)}</div>' if note else ""
-    return (f'<div class="batch-progress" data-state="{html.escape(state)}">'
+    rows_html = ""
+    if finished:
+        marks = ", ".join(f"{html.escape(label)} {'✓' if ok else '✗'}" for label, ok in finished)
+        rows_html = f'<div class="batch-rows">เสร็จล่าสุด / just finished: แถว / row {marks}</div>'
+    return (f'<div class="batch-progress" data-state="{html.escape(state)}" data-done="{done}">'
             f'<div class="batch-state">{label}</div>{bar}'
-            f'<div class="batch-line">{line}</div>{note_html}</div>')
+            f'<div class="batch-line">{line}</div>{rows_html}{note_html}</div>')
 
 
 STATE_LABELS = {

@@ -100,8 +100,12 @@ def extract_job(path: str, filename: str, max_bytes: int, max_pages: int,
     except DocumentError as exc:
         raise FileJobError(exc.code or "invalid_document", exc.message,
                            getattr(exc, "status_code", 400)) from None
+    from thai_ui.text_stats import count_graphemes
+
+    # Characters as the counter under the text box counts them (grapheme clusters: กี่ is
+    # one), so the file line and the counter show one number for one text.
     return DocumentText(document.text, document.filename, document.kind, document.pages,
-                        document.characters)
+                        count_graphemes(document.text))
 
 
 def table_format(filename: str) -> str:

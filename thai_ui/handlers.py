@@ -322,20 +322,25 @@ class UIHandlers:
         concurrency = batch_slots(self.engine.info.max_batch_size)
         job.task = asyncio.ensure_future(run_batch(
             self.batch_serving, rows, job, concurrency, job.progress, total=len(rows)))
-        last = 0.0
+        yield progress_html("running", done=0, total=job.total, seconds=job.elapsed), None
+        last = time.monotonic()
         while not job.task.done():
             job.changed.clear()
             try:
                 await asyncio.wait_for(job.changed.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
+            # At most four updates a second, but a finished row is never skipped: a change
+            # inside the interval is shown when it ends (it was dropped, and rows finishing
+            # close together left the bar at 0 until the end).
+            pause = PROGRESS_INTERVAL_S - (time.monotonic() - last)
+            if pause > 0 and not job.task.done():
+                await asyncio.sleep(pause)
             if job.task.done():
                 break
-            now = time.monotonic()
-            if now - last >= PROGRESS_INTERVAL_S:
-                last = now
-                yield progress_html("running", done=job.done, total=job.total,
-                                    errors=job.errors, seconds=job.elapsed), None
+            last = time.monotonic()
+            yield progress_html("running", done=job.done, total=job.total, errors=job.errors,
+                                seconds=job.elapsed, finished=job.finished_rows()), None
         failure = None
         if not job.task.cancelled() and job.task.exception() is not None:
             failure = job.task.exception()
@@ -358,7 +363,7 @@ class UIHandlers:
         if state == "failed":
             note = ("ระบบประมวลผลหยุดทำงาน / the engine stopped. " + note).strip()
         yield progress_html(state, done=job.done, total=job.total, errors=job.errors,
-                            seconds=job.elapsed, note=note), \
+                            seconds=job.elapsed, note=note, finished=job.finished_rows()), \
             (str(result) if result is not None else None)
 
     def _result_path(self, source: Path, fmt: str) -> Path:

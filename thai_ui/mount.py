@@ -74,6 +74,9 @@ def mount_ui(app: FastAPI) -> None:
     app.add_middleware(FramePolicyMiddleware, prefix=UI_PATH, origins=server.frame_ancestors)
     app.add_middleware(RelativeRootMiddleware, prefix=UI_PATH)  # root never follows Host
     app.mount(f"{UI_PATH}/{FONT_SUBPATH}", StaticFiles(directory=FONT_DIR), name="ui-fonts")
+    # Ahead of Gradio's own (its logo; favicon_path is ignored on a mounted app), and as
+    # public as the UI even when API keys guard /favicon.ico.
+    app.add_api_route(f"{UI_PATH}/favicon.ico", _favicon, include_in_schema=False)
     # Uploads are files (documents, tables): the app's body limit for UPLOAD_ROUTE is
     # THAI_DOCUMENT_MAX_BYTES plus the form, as for /v1/summarize/document.
     handlers = UIHandlers(app.state.serving, uploads=uploads,
@@ -98,6 +101,15 @@ def mount_ui(app: FastAPI) -> None:
     app.state.ui_mounted = True
     app.state.ui_uploads = uploads
     warn_if_zero_gpu(log)
+
+
+async def _favicon():
+    from fastapi.responses import FileResponse
+
+    from thai_ui.theme import FAVICON
+
+    return FileResponse(FAVICON, media_type="image/x-icon",
+                        headers={"Cache-Control": "public, max-age=86400"})
 
 
 def blocked_paths(settings, upload_dir: Path) -> list[str]:

@@ -19,29 +19,48 @@ from api.serving import public_base_model, public_failure
 
 
 def status_html(engine: Engine) -> str:
+    """The banner: what an analyst needs in plain Thai and English; the engineering detail
+    (dtype, quantization and why) in a tooltip, and in full at ``/health``."""
     info = engine.info
     state = engine.current_state()
     name = html.escape(info.model_name)
     if state is EngineState.LOADING:
         return _banner("loading", f"กำลังโหลดโมเดล <b>{name}</b>… / Loading the model…")
     if state is EngineState.READY:
-        # Which dtype and quantization, and why ("bfloat16: this CPU has native bf16
-        # (avx512_bf16)", "w8a8 chosen by THAI_QUANTIZATION=auto: KL ...").
         quantized = info.quantization_reason if info.quantization not in (None, "none") else None
-        where = html.escape(" · ".join(
+        details = _details(" · ".join(
             x for x in (info.device, info.dtype_reason or info.dtype, quantized) if x))
+        mode = plain_mode(info.device, info.dtype, info.quantization)
         if info.demo:
             return _banner(
                 "demo",
-                f"⚠ <b>โมเดลสาธิต / Demo checkpoint</b> ({name}, {where}): โมเดลจริงไม่ได้ถูกโหลด "
-                "ผลลัพธ์เป็นข้อความสุ่มที่ไม่มีความหมาย / the real model is not loaded; this tiny "
-                "random-weight model proves the path works but its output is <b>not meaningful</b>.")
+                f"⚠ <b>โมเดลสาธิต / Demo model</b>: ยังไม่ได้โหลดโมเดลจริง คำตอบเป็นข้อความสุ่ม "
+                "ไว้ลองใช้หน้าจอเท่านั้น / the real model is not loaded: answers are random text "
+                f"for trying the page out, <b>not meaningful</b>. {details}")
         parts = [public_base_model(info.base_model) or "", "LoRA adapter" if info.adapter else ""]
         model = html.escape(" + ".join(p for p in parts if p))
         detail = f" ({model})" if model else ""
-        return _banner("ready", f"พร้อมใช้งาน / Ready: <b>{name}</b>{detail} · {where}")
+        return _banner("ready", f"พร้อมใช้งาน / Ready: <b>{name}</b>{detail} · {mode} {details}")
     error = html.escape(public_failure(engine) or "")
     return _banner("error", f"โมเดลใช้งานไม่ได้ / Model unavailable: {error}")
+
+
+def plain_mode(device: str | None, dtype: str | None, quantization: str | None) -> str:
+    """Where the model runs, in words an analyst knows (the rest is in the tooltip)."""
+    device = (device or "").lower()
+    if device.startswith("cuda"):
+        return "การ์ดจอ / GPU"
+    if device.startswith("mps"):
+        return "ชิป Apple / Apple GPU"
+    fast = quantization not in (None, "none") or (dtype or "") in ("bfloat16", "float16")
+    return "โหมด CPU แบบเร็ว / fast CPU mode" if fast else "ซีพียู / CPU"
+
+
+def _details(text: str) -> str:
+    """A "details" mark whose tooltip holds the engineering detail, and where the rest is."""
+    tip = html.escape(f"{text} — /health" if text else "/health", quote=True)
+    return f'<span class="details" title="{tip}" tabindex="0">รายละเอียด / details</span>'
+
 
 
 def status_is_final(engine: Engine) -> bool:

@@ -26,7 +26,8 @@ IN_PROCESS_CHARS = 4000
 
 
 def count_graphemes(text: str) -> int:
-    """User-perceived characters (extended grapheme clusters) after NFC."""
+    """User-perceived characters (extended grapheme clusters) after NFC: the one meaning of
+    "ตัวอักษร / characters" in the UI (the counter, a document's line)."""
     return grapheme.length(normalize_text(text))
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import gradio as gr
 
 FONT_DIR = Path(__file__).resolve().parents[1] / "assets" / "fonts"
+# The app's icon, served at the UI's own favicon.ico (public with the UI) and at /favicon.ico.
+FAVICON = FONT_DIR.parent / "favicon.ico"
 # Served by the app below the UI's own mount point (registered before it, so it wins),
 # and linked relative to the UI page.
 FONT_SUBPATH = "fonts"
@@ -38,11 +40,29 @@ def build_theme() -> gr.themes.Base:
     ).set(body_text_size="16px")
 
 
+# Gradio 6.31's page reads a toast's title from a field its client never fills, so every
+# error toast says English "Error" whatever gr.Error(title=...) sends: name it in Thai too.
+TOAST_TITLES_JS = """<script>
+(() => {
+  const titles = {error: "ข้อผิดพลาด / Error", warning: "คำเตือน / Warning", info: "ข้อมูล / Info"};
+  const relabel = () => document.querySelectorAll(".toast-title").forEach((el) => {
+    const kind = Object.keys(titles).find((k) => el.classList.contains(k));
+    const text = el.firstChild;
+    if (kind && text && text.nodeType === 3 && text.data.trim() !== titles[kind]) {
+      text.data = titles[kind] + " ";
+    }
+  });
+  new MutationObserver(relabel).observe(document.documentElement, {childList: true, subtree: true});
+})();
+</script>"""
+
+
 def build_head() -> str:
     # Relative to the page's <base href="./"> (the /ui/ mount), so it survives a sub-path.
     return (f'<link rel="stylesheet" href="{FONT_SUBPATH}/fonts.css">\n'
             '<meta name="description" content="สรุปข้อความภาษาไทยและสนทนากับโมเดล / '
-            'Thai summarization and chat">')
+            'Thai summarization and chat">\n'
+            '<link rel="icon" href="favicon.ico" type="image/x-icon">\n' + TOAST_TITLES_JS)
 
 
 def build_css() -> str:
@@ -78,4 +98,11 @@ def build_css() -> str:
 #batch-progress [data-state="stopped"] .batch-state {{ color: #92400e; }}
 #batch-progress [data-state="failed"] .batch-state {{ color: #b91c1c; }}
 #batch-progress .batch-note {{ color: var(--body-text-color-subdued); }}
+#model-status .details {{ cursor: help; opacity: 0.75; margin-left: 0.4em; font-size: 0.85em;
+  text-decoration: underline dotted; }}
+/* An error is said once, in its toast (Thai and English): not again as a red "Error" badge
+   over every output of the failed event, hiding the text box and the summary. */
+[data-testid="status-tracker"]:has(span.error) {{ display: none !important; }}
+/* Gradio ends its footer with a separator meant for a link that is switched off here. */
+footer .divider:last-child {{ display: none; }}
 """

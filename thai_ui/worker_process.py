@@ -89,7 +89,16 @@ class SpawnedWorker:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """Stop the process now: a job still running (nobody waits for it at shutdown) would
+        otherwise keep the server from exiting until it ends, its timeout up to a minute."""
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # no public way
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(1)  # an idle one exits on the shutdown's sentinel
+            if process.is_alive():
+                process.kill()
+                process.join(2)
