@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping
 
+from api.engine.grammar import strict_schema
 from api.serving.tool_parser import TOOL_CALL_END, TOOL_CALL_START
 
 # How the forced JSON is laid out: no free whitespace (with llguidance's default,
@@ -57,18 +58,46 @@ def _function_of(entry: Mapping[str, Any]) -> Mapping[str, Any]:
     return entry
 
 
-def _call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+# Keys whose values are data, not schemas: a "$ref" inside them is left as it is.
+_DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _relocated(schema: Any, base: str) -> Any:
+    """``schema`` with each local ``$ref`` ("#", "#/$defs/X", "#/definitions/X", any
+    pointer) made relative to ``base``, where the schema now lives in a larger document."""
+    if isinstance(schema, list):
+        return [_relocated(item, base) for item in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in _DATA_KEYS:
+            out[key] = value
+        else:
+            out[key] = _relocated(value, base)
+    return out
+
+
+def _call_schema(function: Mapping[str, Any], slot: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The call's schema and its parameters' schema, which goes under ``$defs/<slot>`` of
+    the grammar's schema: a function's local references (a nested Pydantic model's
+    ``$defs``, recursion through ``#``) then resolve there, as they do in
+    ``response_format``. Objects are strict (:func:`api.engine.grammar.strict_schema`)."""
     params = function.get("parameters")
     if params is None:
         params = EMPTY_PARAMETERS
     if not isinstance(params, Mapping):
         raise ValueError(f"function {function['name']!r}: parameters must be a JSON schema object")
-    return {
+    call = {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": dict(params)},
+        "properties": {"name": {"const": function["name"]},
+                       "arguments": {"$ref": f"#/$defs/{slot}"}},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+    return call, strict_schema(_relocated(dict(params), f"#/$defs/{slot}"))
 
 
 def tool_call_grammar(
@@ -97,8 +126,13 @@ def tool_call_grammar(
         if name in seen:
             raise ValueError(f"function {name!r} is given more than once")
         seen.add(name)
-    schemas = [_call_schema(f) for f in funcs]
-    schema: dict[str, Any] = dict(schemas[0]) if len(schemas) == 1 else {"anyOf": schemas}
+    calls, defs = [], {}
+    for i, f in enumerate(funcs):
+        call, params = _call_schema(f, f"call_{i}")
+        calls.append(call)
+        defs[f"call_{i}"] = params
+    schema: dict[str, Any] = dict(calls[0]) if len(calls) == 1 else {"anyOf": calls}
+    schema["$defs"] = defs
     schema["x-guidance"] = JSON_LAYOUT
     start, end = tags
     top = 'start: call ("\\n" call)*' if parallel else "start: call"
