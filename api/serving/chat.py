@@ -41,7 +41,6 @@ from api.serving.tool_parser import (
     ContentDelta,
     StreamingToolCallParser,
     ToolCallDelta,
-    parse_tool_calls,
 )
 from api.serving.tools import template_messages, template_tools, tool_call_grammar, tool_call_tags
 from api.text import is_blank, normalize_text
@@ -58,6 +57,7 @@ class ChatPlan:
     tool_names: set[str]          # parse tool calls out of the text (empty: plain text)
     logprobs: bool
     parallel_tool_calls: bool     # false: a reply keeps only its first call
+    forced: bool = False          # the grammar writes tool calls (tool_choice required/named)
 
 
 class ChatServing(ServingBase):
@@ -137,7 +137,8 @@ class ChatServing(ServingBase):
                                     tenant=self.tenant(tenant), priority=request.priority)
         parse = request.tools and request.tool_choice != "none"
         names = {t.function.name for t in request.tools or ()} if parse else set()
-        return ChatPlan(gens, names, request.logprobs, request.parallel_tool_calls is not False)
+        return ChatPlan(gens, names, request.logprobs, request.parallel_tool_calls is not False,
+                        forced=forced is not None)
 
     async def chat_request(self, request: ChatCompletionRequest,
                            tenant: str | None = None) -> GenerationRequest:
@@ -151,18 +152,19 @@ class ChatServing(ServingBase):
         names = TokenNames(self.engine)
         choices = []
         for index, result in enumerate(results):
-            content, calls = result.text, []
-            if plan.tool_names:
-                parsed_content, parsed = parse_tool_calls(result.text, plan.tool_names)
-                if not plan.parallel_tool_calls:  # forced calls are one by grammar; auto: cut
-                    parsed = parsed[:1]
-                if parsed:
-                    content, calls = parsed_content, [
-                        ToolCall(id=_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
-                        for c in parsed]
+            content, calls, reason = result.text, [], result.finish_reason
+            if plan.tool_names:  # read as the stream is (api.serving.tool_parser), so both agree
+                parser = StreamingToolCallParser(plan.tool_names, forced=plan.forced)
+                events = parser.feed(result.text) + parser.finish()
+                text = "".join(e.text for e in events if isinstance(e, ContentDelta))
+                content = text or (None if parser.calls or plan.forced else result.text)
+                calls = [ToolCall(id=e.id, function=FunctionCall(name=e.name, arguments=e.arguments))
+                         for e in events if isinstance(e, ToolCallDelta)
+                         and (plan.parallel_tool_calls or e.index == 0)]
+                reason = parser.finish_reason(result.finish_reason)
             choices.append(ChatCompletionChoice(
                 index=index, message=ChatCompletionMessage(content=content, tool_calls=calls),
-                finish_reason="tool_calls" if calls else result.finish_reason,
+                finish_reason=reason,
                 logprobs=chat_logprobs(names, result.logprobs) if plan.logprobs else None))
         return ChatCompletionResponse(
             model=self.model_name, choices=choices,
@@ -179,7 +181,8 @@ class ChatServing(ServingBase):
     def _sse(self, streams: Sequence[GenerationStream], plan: ChatPlan,
              include_usage: bool) -> AsyncIterator[str]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        parsers = [StreamingToolCallParser(plan.tool_names) if plan.tool_names else None
+        parsers = [StreamingToolCallParser(plan.tool_names, forced=plan.forced)
+                   if plan.tool_names else None
                    for _ in streams]
         names = TokenNames(self.engine)
 
@@ -222,7 +225,8 @@ class ChatServing(ServingBase):
                      for i, delta in enumerate(found)]
             if chunk.finished:
                 parser = parsers[index]
-                reason = "tool_calls" if parser is not None and parser.calls else chunk.finish_reason
+                reason = (parser.finish_reason(chunk.finish_reason) if parser is not None
+                          else chunk.finish_reason)
                 lines.append(event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(),
                                                               finish_reason=reason)]))
             return "".join(lines) or None
