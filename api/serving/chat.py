@@ -42,7 +42,13 @@ from api.serving.tool_parser import (
     StreamingToolCallParser,
     ToolCallDelta,
 )
-from api.serving.tools import template_messages, template_tools, tool_call_grammar, tool_call_tags
+from api.serving.tools import (
+    inline_tools,
+    template_messages,
+    template_tools,
+    tool_call_grammar,
+    tool_call_tags,
+)
 from api.text import is_blank, normalize_text
 
 log = logging.getLogger("thai.serving")
@@ -119,6 +125,10 @@ class ChatServing(ServingBase):
             "n": request.n > 1, "logprobs": request.logprobs, "tools": bool(request.tools)})
         messages, templated, tools = self.template_input(request)
         prompt_ids = await self.encode(templated, tools or None)
+        if tools and prompt_ids == await self.encode(templated, None):
+            # The served chat template has no tools section: write them in Qwen2.5's way
+            # rather than let the model never see them.
+            prompt_ids = await self.encode(inline_tools(templated, tools), None)
         forced = self.tool_grammar(request)
         if forced is not None:
             _, asked = grammar_for(request)

@@ -198,3 +198,53 @@ def template_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, A
             msg["tool_calls"] = calls
         out.append(msg)
     return out
+
+
+# Qwen2.5-Instruct's own words for the tools section of its system turn (its chat template,
+# api.engine.demo_checkpoint.CHATML_TEMPLATE), for a served template that has none.
+QWEN_TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query."
+                   "\n\nYou are provided with function signatures within <tools></tools> XML tags:"
+                   "\n<tools>")
+QWEN_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name "
+                   "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                   '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def _tojson(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)  # Jinja's tojson as transformers defines it
+
+
+def inline_tools(messages: Iterable[Mapping[str, Any]],
+                 tools: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Template messages (:func:`template_messages`' output) with ``tools`` written into
+    them as Qwen2.5's template writes them, for a chat template without a tools section
+    (which would otherwise drop them without a word): the tools block appended to the
+    system message (one is added when there is none), assistant tool calls as
+    ``<tool_call>`` blocks in their content, ``tool`` results as ``<tool_response>`` blocks
+    in a user turn."""
+    block = QWEN_TOOLS_HEAD + "".join("\n" + _tojson(t) for t in tools) + QWEN_TOOLS_TAIL
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        role, content = msg.get("role"), msg.get("content") or ""
+        if role == "assistant" and msg.get("tool_calls"):
+            parts = [content] if content else []
+            for call in msg["tool_calls"]:
+                fn = call.get("function") or call
+                parts.append('<tool_call>\n{"name": "' + str(fn.get("name")) + '", "arguments": '
+                             + _tojson(fn.get("arguments", {})) + "}\n</tool_call>")
+            out.append({"role": "assistant", "content": "\n".join(parts)})
+        elif role == "tool":
+            response = "<tool_response>\n" + content + "\n</tool_response>"
+            if out and out[-1].get("tool_responses"):
+                out[-1]["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response, "tool_responses": True})
+        else:
+            out.append({k: v for k, v in msg.items() if k not in ("tool_calls", "tool_call_id")})
+    if out and out[0].get("role") == "system":
+        out[0] = {**out[0], "content": (out[0]["content"] + "\n\n" + block).lstrip("\n")}
+    else:
+        out.insert(0, {"role": "system", "content": block})
+    for msg in out:
+        msg.pop("tool_responses", None)
+    return out
