@@ -140,11 +140,10 @@ def _cases(compiler):
                     "name": name, "schema": schema, "strict": True}}}
             # The shortest budget sampled freely, a roomier one greedy (kept to seconds).
             for max_tokens, temperature in ((budget, 1.0), (budget + 30, 0.0)):
-                if True:
-                    cases.append((name, how, schema, {
-                        "model": MODEL, "messages": [{"role": "user", "content": f"ตอบ {name}"}],
-                        "max_tokens": max_tokens, "temperature": temperature,
-                        "seed": max_tokens, **extra}))
+                cases.append((name, how, schema, {
+                    "model": MODEL, "messages": [{"role": "user", "content": f"ตอบ {name}"}],
+                    "max_tokens": max_tokens, "temperature": temperature,
+                    "seed": max_tokens, **extra}))
     return cases
 
 
