@@ -60,8 +60,8 @@ CLOSE_WITHIN = 64            # tokens before the limit where a closing plan is k
 # Single-byte steps the closing plan tries, first allowed wins. Inside a JSON string: its
 # closing quote; elsewhere: close the innermost container, the shortest scalar, an empty
 # string, a separator, then the openers.
-IN_STRING_ORDER = b'"}]0,1[{ntf-a \n'
-CLOSING_ORDER = b'}]0",1[{ntf-a \n'
+IN_STRING_ORDER = b'"}]0,:1[{ntf-a \n'
+CLOSING_ORDER = b'}]0",:1[{ntf-a \n'
 
 
 def string_state(state: tuple[bool, bool], data: bytes) -> tuple[bool, bool]:
