@@ -232,3 +232,40 @@ def test_nested_and_recursive_models_as_tool_parameters(live_server):
     with pytest.raises(openai.BadRequestError, match="Missing"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                        tools=[broken], tool_choice="required", max_tokens=20)
+
+
+def test_closing_rule_under_random_logits_ends_valid_from_the_shortest_budget(compiler):
+    """The sampler and the Closer alone, with random logits (a model that never wants to
+    stop a string): valid at the shortest budget and above; below it, nothing is forced."""
+    import torch
+
+    from api.engine.grammar import Closer
+    from api.engine.sampler import NGramBlocker, RowRule, sample_batch
+
+    gc, tokenizer = compiler
+    schema = SCHEMAS["nested"]
+    spec = GrammarSpec("json_schema", json.dumps(schema))
+    shortest = _shortest(compiler, spec)
+    for seed in range(4):
+        for max_tokens in (shortest - 1, shortest, shortest + 9):
+            matcher = gc.matcher(spec)
+            rule = RowRule(1.0, 1.0, torch.Generator().manual_seed(seed), NGramBlocker(0), [],
+                           matcher=matcher, closer=Closer(gc, matcher))
+            noise = torch.Generator().manual_seed(seed)
+            out = []
+            for step in range(max_tokens):
+                rule.closer.arm(max_tokens - step)
+                token = sample_batch(torch.randn(1, len(tokenizer), generator=noise) * 3,
+                                     [rule], gc).tokens[0]
+                assert matcher.consume_token(token)
+                if token == gc.eos_token:
+                    break
+                out.append(token)
+                if matcher.is_stopped():
+                    break
+            text = tokenizer.decode(out)
+            if max_tokens < shortest:
+                assert rule.closer.gave_up and not matcher.is_accepting(), text
+            else:
+                assert matcher.is_stopped(), (max_tokens, text)
+                jsonschema.validate(json.loads(text), schema)

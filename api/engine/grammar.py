@@ -152,8 +152,9 @@ class GrammarCompiler:
             tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
         self.executor = llguidance.LLExecutor()
         self.eos_token = int(list(eos_token_ids)[0])
-        self._byte_tokens = self._single_byte_tokens(CLOSING_ORDER)
-        self._string_tokens = self._single_byte_tokens(IN_STRING_ORDER)
+        singles = self._single_byte_tokens()
+        self._byte_tokens = [singles[b] for b in CLOSING_ORDER if b in singles]
+        self._string_tokens = [singles[b] for b in IN_STRING_ORDER if b in singles]
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -179,16 +180,16 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return proto
 
-    def _single_byte_tokens(self, order: bytes) -> list[int]:
-        """The ordinary token of each byte of ``order`` (where one exists), in order."""
+    def _single_byte_tokens(self) -> dict[int, int]:
+        """Byte -> the ordinary token of just that byte, for the bytes the closing plan tries."""
         found: dict[int, int] = {}
         for token in range(self.tokenizer_info.vocab_size):
             if self.tokenizer_info.is_special_token(token):
                 continue
             piece = self.tokenizer_info.decode_bytes([token])
-            if len(piece) == 1 and piece[0] in order and piece[0] not in found:
+            if len(piece) == 1 and piece[0] in CLOSING_ORDER and piece[0] not in found:
                 found[piece[0]] = token
-        return [found[b] for b in order if b in found]
+        return found
 
     def closing_plan(self, matcher: Any, limit: int,
                      state: tuple[bool, bool] = (False, False)) -> list[int] | None:
