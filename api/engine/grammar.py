@@ -83,8 +83,10 @@ def grammar_text(spec: GrammarSpec) -> str:
 
     try:
         if spec.kind == "json_schema":
+            schema = json.loads(spec.value)
             return llguidance.LLMatcher.grammar_from_json_schema(
-                strict_schema(json.loads(spec.value)), defaults=JSON_DEFAULTS)
+                strict_schema(schema) if isinstance(schema, dict) else spec.value,
+                defaults=JSON_DEFAULTS)
         if spec.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"},
                                                                  defaults=JSON_DEFAULTS)
