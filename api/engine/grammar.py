@@ -58,10 +58,10 @@ JSON_DEFAULTS = {"whitespace_flexible": False}
 CACHE_SIZE = 256
 CLOSE_WITHIN = 64            # tokens before the limit where a closing plan is kept
 # Single-byte steps the closing plan tries, first allowed wins. Inside a JSON string: its
-# closing quote; elsewhere: close the innermost container, the shortest scalar, an empty
-# string, a separator, then the openers.
-IN_STRING_ORDER = b'"}]0,:1[{ntf-a \n'
-CLOSING_ORDER = b'}]0",:1[{ntf-a \n'
+# closing quote; elsewhere: close the innermost container, a separator (before any digit:
+# a number may always take one more), an empty string, the shortest number, the openers.
+IN_STRING_ORDER = b'"}],:01[{ntf-a \n'
+CLOSING_ORDER = b'}],":01[{ntf-a \n'
 
 
 def string_state(state: tuple[bool, bool], data: bytes) -> tuple[bool, bool]:
