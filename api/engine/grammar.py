@@ -57,6 +57,7 @@ from api.engine.types import GrammarSpec
 JSON_DEFAULTS = {"whitespace_flexible": False}
 CACHE_SIZE = 256
 CLOSE_WITHIN = 64            # tokens before the limit where a closing plan is kept
+MAX_PLAN = 512               # longest closing plan looked for (each step is a mask)
 # Single-byte steps the closing plan tries, first allowed wins. Inside a JSON string: its
 # closing quote; elsewhere: close the innermost container, a separator (before any digit:
 # a number may always take one more), an empty string, the shortest number, the openers.
@@ -207,6 +208,7 @@ class GrammarCompiler:
         """
         walk = matcher.deep_copy()
         plan: list[int] = []
+        limit = min(limit, MAX_PLAN)
         steps = 4 * limit + 16  # the walk goes byte by byte; the plan is tokenized after
         while not walk.is_accepting():
             if len(plan) >= steps or walk.is_error():
