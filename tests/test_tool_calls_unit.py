@@ -62,11 +62,31 @@ def test_parse_tool_calls(text, content, calls):
     assert parse_tool_calls(text) == (content, calls)
 
 
-def test_unknown_function_name_makes_it_all_content():
+def test_unknown_function_name_first_makes_it_all_content_after_a_call_it_is_dropped():
     text = "ดูให้นะ" + WEATHER + "\n" + TIME
     assert parse_tool_calls(text, {"get_weather", "get_time"}) == ("ดูให้นะ", [WEATHER_CALL, TIME_CALL])
-    assert parse_tool_calls(text, {"get_weather"}) == (text, [])
+    assert parse_tool_calls(text, {"get_weather"}) == ("ดูให้นะ", [WEATHER_CALL])
+    assert parse_tool_calls(text, {"get_time"}) == (text, [])
     assert parse_tool_calls(text, set()) == (text, [])
+
+
+def test_forced_cut_call_is_never_content():
+    """Under a forced tool_choice a failing block can only be a cut call: dropped, and the
+    reply says length; complete calls before it stay calls."""
+    cut = WEATHER + "\n" + TIME[:30]
+    assert parse_tool_calls(cut, forced=True) == (None, [WEATHER_CALL])
+    assert parse_tool_calls(TIME[:30], forced=True) == (None, [])
+    for how, pieces in _splits(TIME[:30]):
+        parser = StreamingToolCallParser(forced=True)
+        events = [e for p in pieces for e in parser.feed(p)] + parser.finish()
+        assert events == [] and parser.dropped, how
+        assert parser.finish_reason("length") == "length"
+    for how, pieces in _splits(cut):
+        parser, events = _stream(pieces)
+        assert [(e.name, e.arguments) for e in events] == [(WEATHER_CALL.name, WEATHER_CALL.arguments)], how
+        assert parser.finish_reason("length") == "length" and parser.finish_reason("stop") == "tool_calls"
+    parser, _ = _stream([WEATHER])
+    assert parser.finish_reason("length") == "tool_calls"  # whole calls, cut after them
 
 
 def test_thai_arguments_stay_unescaped():
@@ -145,12 +165,13 @@ def test_streaming_holds_a_lone_prefix_until_finish():
     assert parser.finish() == [ContentDelta("<tool_call")]
 
 
-def test_streaming_bad_block_after_a_call_keeps_the_call_and_sends_the_block_as_content():
+def test_streaming_bad_block_after_a_call_keeps_the_call_and_drops_the_block():
     text = WEATHER + "\n<tool_call>\n{broken}\n</tool_call>"
+    assert parse_tool_calls(text) == (None, [WEATHER_CALL])
     for how, pieces in _splits(text):
         parser, events = _stream(pieces)
-        assert isinstance(events[0], ToolCallDelta) and parser.calls == [WEATHER_CALL], how
-        assert "".join(e.text for e in events[1:]) == "<tool_call>\n{broken}\n</tool_call>", how
+        assert len(events) == 1 and isinstance(events[0], ToolCallDelta), how
+        assert parser.calls == [WEATHER_CALL] and parser.dropped, how
 
 
 # -- grammar -----------------------------------------------------------------------------
@@ -339,9 +360,12 @@ def test_grammar_text_for_one_function(tokenizer):
     schema = json.loads(json_line.removeprefix("call_json: %json "))
     assert schema == {
         "type": "object",
-        "properties": {"name": {"const": "now"}, "arguments": {"type": "object", "properties": {}}},
+        "properties": {"name": {"const": "now"}, "arguments": {"$ref": "#/$defs/call_0"}},
         "required": ["name", "arguments"],
         "additionalProperties": False,
+        # Parameters live under $defs (their own local references resolve there) and are
+        # strict: keys they do not declare are never generated.
+        "$defs": {"call_0": {"type": "object", "properties": {}, "additionalProperties": False}},
         "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
     }
     assert tool_call_grammar([WEATHER_FN], parallel=True, tags=("A", "B")).startswith('start: call ("\\n" call)*\n')

@@ -17,12 +17,25 @@ Compile cache: the first matcher made for a spec is kept (LRU) and each sequence
 ``deep_copy`` of it, which shares the compiled lexer and grammar.
 
 Closing before the limit: a grammar says what may come next, not when to stop, and a
-number's digits or a string's characters can go on until ``max_tokens`` cuts the JSON in
-half (a small model does that: a random-weight one always). So in a constrained
-sequence's last :data:`CLOSE_WITHIN` tokens the sampler prefers, among the tokens the
-grammar allows, those made only of ``"`` ``}`` ``]`` (then those that add ``,``): open
-strings, numbers, arrays and objects close, and the output ends valid. Far from the
-limit nothing changes.
+string's characters or a number's digits can go on until ``max_tokens`` cuts the JSON in
+half (a weak model does that; a random-weight one always). So each constrained sequence
+has a :class:`Closer`: from :data:`CLOSE_WITHIN` tokens before its limit it keeps a
+*closing plan*, the tokens that take the matcher from where it is to an accepting state
+(found by walking a copy of the matcher: inside a string its closing quote, then the
+innermost open containers, required keys with their shortest values; see
+:meth:`GrammarCompiler.closing_plan`). Each step the sampled token is kept when a plan still
+fits the tokens left after it; otherwise the plan's next token is taken instead. The output
+therefore ends accepted by the grammar whenever the budget held a plan when the window
+opened; when it did not, nothing is forced and the reply ends cut, ``finish_reason:
+length``, as it would without the rule.
+
+Strict objects: llguidance, like JSON Schema, lets an object have keys its schema never
+declared unless ``additionalProperties`` says otherwise (it has no option for this; its
+``JsonCompileOptions`` are separators, whitespace, ``coerce_one_of``, ``lenient`` and
+escapes). A weak model then writes invented keys until the cut. :func:`strict_schema`
+adds ``additionalProperties: false`` to every object schema that does not say, which is
+what vLLM's default backend does (xgrammar's strict mode); a schema that allows extra keys
+(``true`` or a schema) keeps them.
 """
 
 from __future__ import annotations
@@ -43,9 +56,26 @@ from api.engine.types import GrammarSpec
 # through llguidance's "x-guidance" options.
 JSON_DEFAULTS = {"whitespace_flexible": False}
 CACHE_SIZE = 256
-CLOSE_WITHIN = 48            # tokens before the limit where closing tokens are preferred
-CLOSE_BIAS = 1e4             # added to allowed closing tokens' logits: they always win
-CLOSERS, SEPARATORS = frozenset(b'"}]'), frozenset(b'"}],')
+CLOSE_WITHIN = 64            # tokens before the limit where a closing plan is kept
+MAX_PLAN = 512               # longest closing plan looked for (each step is a mask)
+# Single-byte steps the closing plan tries, first allowed wins. Inside a JSON string: its
+# closing quote; elsewhere: close the innermost container, a separator (before any digit:
+# a number may always take one more), an empty string, the shortest number, the openers.
+IN_STRING_ORDER = b'"}],:01[{ntf-a \n'
+CLOSING_ORDER = b'}],":01[{ntf-a \n'
+
+
+def string_state(state: tuple[bool, bool], data: bytes) -> tuple[bool, bool]:
+    """(inside a JSON string, after its backslash) once ``data`` follows ``state``."""
+    inside, escaped = state
+    for byte in data:
+        if escaped:
+            escaped = False
+        elif inside and byte == 0x5C:
+            escaped = True
+        elif byte == 0x22:
+            inside = not inside
+    return inside, escaped
 
 
 def grammar_text(spec: GrammarSpec) -> str:
@@ -54,7 +84,10 @@ def grammar_text(spec: GrammarSpec) -> str:
 
     try:
         if spec.kind == "json_schema":
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.value, defaults=JSON_DEFAULTS)
+            schema = json.loads(spec.value)
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                strict_schema(schema) if isinstance(schema, dict) else spec.value,
+                defaults=JSON_DEFAULTS)
         if spec.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"},
                                                                  defaults=JSON_DEFAULTS)
@@ -71,6 +104,42 @@ def grammar_text(spec: GrammarSpec) -> str:
     raise GrammarError(f"unknown structured output kind {spec.kind!r}")
 
 
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_VALUES = ("items", "additionalItems", "not", "if", "then", "else", "contains",
+                  "additionalProperties", "unevaluatedProperties")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_schema(schema: Any, *, in_all_of: bool = False) -> Any:
+    """``schema`` with ``additionalProperties: false`` on each object schema that says
+    nothing about extra keys (a copy; see the module's docstring). Members of an
+    ``allOf`` are left open: each would otherwise forbid the keys the others declare."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [strict_schema(sub) for sub in value]
+        elif key == "allOf" and isinstance(value, list):
+            out[key] = [strict_schema(sub, in_all_of=True) for sub in value]
+        elif key in _SCHEMA_VALUES:
+            out[key] = strict_schema(value)
+        else:
+            out[key] = value
+    types = out.get("type")
+    is_object = types == "object" or (isinstance(types, list) and "object" in types) or (
+        types is None and "properties" in out)
+    if is_object and not in_all_of and not any(
+            k in out for k in ("additionalProperties", "patternProperties",
+                               "unevaluatedProperties", "$ref", "allOf")):
+        out["additionalProperties"] = False
+    return out
+
+
 class GrammarCompiler:
     """Specs to matchers for one tokenizer, with the compile cache and a thread pool for
     computing many rows' masks at once (llguidance releases the GIL)."""
@@ -85,7 +154,10 @@ class GrammarCompiler:
         self.tokenizer_info = llguidance.hf.from_tokenizer(
             tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
         self.executor = llguidance.LLExecutor()
-        self.closing_bias = self._closing_bias(vocab_size)
+        self.eos_token = int(list(eos_token_ids)[0])
+        singles = self._single_byte_tokens()
+        self._byte_tokens = [singles[b] for b in CLOSING_ORDER if b in singles]
+        self._string_tokens = [singles[b] for b in IN_STRING_ORDER if b in singles]
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -111,18 +183,60 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return proto
 
-    def _closing_bias(self, vocab_size: int) -> torch.Tensor:
-        """Per token: CLOSE_BIAS for tokens of only ``"}]``, half for those that also have
-        ``,``, 0 for the rest (see the module's docstring)."""
-        bias = torch.zeros(vocab_size)
-        for token in range(min(vocab_size, self.tokenizer_info.vocab_size)):
+    def _single_byte_tokens(self) -> dict[int, int]:
+        """Byte -> the ordinary token of just that byte, for the bytes the closing plan tries."""
+        found: dict[int, int] = {}
+        for token in range(self.tokenizer_info.vocab_size):
             if self.tokenizer_info.is_special_token(token):
                 continue
             piece = self.tokenizer_info.decode_bytes([token])
-            if not piece or not set(piece) <= SEPARATORS:
-                continue
-            bias[token] = CLOSE_BIAS if set(piece) <= CLOSERS else CLOSE_BIAS / 2
-        return bias
+            if len(piece) == 1 and piece[0] in CLOSING_ORDER and piece[0] not in found:
+                found[piece[0]] = token
+        return found
+
+    def closing_plan(self, matcher: Any, limit: int,
+                     state: tuple[bool, bool] = (False, False)) -> list[int] | None:
+        """Tokens that take ``matcher`` (left as it is) to an accepting state, at most
+        ``limit`` of them, or None when none was found within ``limit``; ``state``: the
+        output so far ends inside a JSON string (:func:`string_state`).
+
+        A walk on a copy: forced bytes as llguidance tokenizes them; otherwise the first
+        allowed byte of :data:`IN_STRING_ORDER` or :data:`CLOSING_ORDER` (inside a string
+        its closing quote; after a value the innermost closer; where a value must start,
+        ``0`` or ``""``), else the first allowed token. The bytes walked are then tokenized and kept in
+        that shorter form when the grammar takes it whole.
+        """
+        walk = matcher.deep_copy()
+        plan: list[int] = []
+        limit = min(limit, MAX_PLAN)
+        steps = 4 * limit + 16  # the walk goes byte by byte; the plan is tokenized after
+        while not walk.is_accepting():
+            if len(plan) >= steps or walk.is_error():
+                return None
+            forced = walk.compute_ff_tokens()
+            if forced:
+                step = forced[: steps - len(plan)]
+            else:
+                mask = memoryview(walk.compute_bitmask()).cast("I")
+                order = self._string_tokens if state[0] else self._byte_tokens
+                step = [t for t in order if mask[t >> 5] >> (t & 31) & 1][:1]
+                if not step:
+                    word = next((w for w, bits in enumerate(mask) if bits), None)
+                    if word is None:
+                        return None
+                    bits = mask[word]
+                    step = [word * 32 + (bits & -bits).bit_length() - 1]
+            if not walk.consume_tokens(step):
+                return None
+            state = string_state(state, self.tokenizer_info.decode_bytes(step))
+            plan.extend(step)
+        if len(plan) > 1:
+            shorter = self.tokenizer_info.tokenize_bytes(self.tokenizer_info.decode_bytes(plan))
+            if len(shorter) < len(plan):
+                check = matcher.deep_copy()
+                if check.consume_tokens(shorter) and check.is_accepting():
+                    plan = list(shorter)
+        return plan if len(plan) <= limit else None
 
     def check(self, spec: GrammarSpec) -> None:
         """Raise GrammarError if ``spec`` cannot be used (compiles and caches it otherwise)."""
@@ -143,6 +257,63 @@ class GrammarCompiler:
                 [(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), words * 4,
                 len(matchers))
         return bitmask
+
+
+class Closer:
+    """One constrained sequence's closing rule (see the module's docstring).
+
+    The scheduler calls :meth:`arm` before each step with the tokens the sequence may
+    still generate, the sampler :meth:`choose` with the token it picked; the scheduler
+    then consumes the chosen token into the matcher as usual.
+    """
+
+    def __init__(self, compiler: GrammarCompiler, matcher: Any):
+        self.compiler, self.matcher = compiler, matcher
+        self.window: int | None = None  # set on the first step from the first plan's length
+        self.left: int | None = None    # tokens left this step, when inside the window
+        self.plan: list[int] | None = None
+        self.gave_up = False
+        self.state = (False, False)     # string_state of the output so far
+
+    def arm(self, left: int) -> None:
+        if self.window is None:
+            first = self.compiler.closing_plan(self.matcher, left, self.state)
+            # A schema whose smallest document is long needs the plan kept for longer.
+            self.window = CLOSE_WITHIN + 2 * (len(first) if first is not None else 0)
+        self.left = left if left <= self.window and not self.gave_up else None
+        if self.left is not None and self.plan is None:
+            self.plan = self.compiler.closing_plan(self.matcher, left, self.state)
+            if self.plan is None:  # the budget cannot hold any ending: let it be cut
+                self.gave_up, self.left = True, None
+
+    def choose(self, token: int) -> int:
+        """``token`` if an ending still fits after it, else the plan's next token."""
+        chosen = self._choose(token)
+        self.state = string_state(self.state, self.compiler.tokenizer_info.decode_bytes([chosen]))
+        return chosen
+
+    def _choose(self, token: int) -> int:
+        if self.left is None or self.plan is None:
+            return token
+        plan = self.plan
+        if plan and token == plan[0]:
+            self.plan = plan[1:]
+            return token
+        after = self.matcher.deep_copy()
+        if after.consume_token(token) and not after.is_error():
+            if after.is_stopped():
+                self.plan = []
+                return token
+            state = string_state(self.state, self.compiler.tokenizer_info.decode_bytes([token]))
+            following = self.compiler.closing_plan(after, self.left - 1, state)
+            if following is not None:
+                self.plan = following
+                return token
+        if not plan:  # accepting now, and nothing else would end in time: end here
+            self.plan = []
+            return self.compiler.eos_token
+        self.plan = plan[1:]
+        return plan[0]
 
 
 _BITS = torch.arange(32, dtype=torch.int32)

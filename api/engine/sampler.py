@@ -64,7 +64,7 @@ class RowRule:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     matcher: Any = None          # an llguidance matcher when the output is constrained
-    closing: bool = False        # constrained and near its token limit: prefer closing tokens
+    closer: Any = None           # its api.engine.grammar.Closer: the output ends valid in time
     # Token -> times generated (frequency/presence penalties); the prompt's tokens
     # (repetition penalty, which covers prompt and output).
     counts: dict[int, int] = field(default_factory=dict)
@@ -174,6 +174,9 @@ def sample_batch(logits: torch.Tensor, rows: list[RowRule], grammar: Any = None)
             out[i] = tok
     if sampled:
         _sample(logits[sampled], [rows[i] for i in sampled], sampled, out)
+    for i in constrained:  # the closing rule (api.engine.grammar.Closer) may take over
+        if rows[i].closer is not None:
+            out[i] = rows[i].closer.choose(out[i])
 
     logprobs: list[TokenLogprob | None] = [None] * n
     if raw is not None:
@@ -195,9 +198,6 @@ def _apply_grammar(logits: torch.Tensor, constrained: list[int], pristine: dict[
 
     bitmask = grammar.fill_masks([rows[i].matcher for i in constrained])
     sub = logits[constrained]
-    closing = [j for j, i in enumerate(constrained) if rows[i].closing]
-    if closing:  # see api.engine.grammar: the output ends valid before the limit cuts it
-        sub[closing] += grammar.closing_bias[: sub.shape[-1]]
     apply_bitmask(sub, bitmask)
     # Bans and suppression never outvote the grammar: a row they left without any
     # allowed token gets the grammar's mask alone (the output must stay valid).

@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from api.engine.detokenizer import IncrementalDetokenizer
-from api.engine.grammar import CLOSE_WITHIN, error_line
+from api.engine.grammar import Closer, error_line
 from api.engine.kv_batch import KVBatch, PrefixCache
 from api.engine.errors import (
     EngineDeadError,
@@ -160,6 +160,7 @@ class BatchScheduler:
             frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
             repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias,
             logprobs=params.logprobs, matcher=matcher,
+            closer=Closer(self.grammar, matcher) if matcher is not None else None,
             prompt_tokens=(frozenset(request.prompt_ids) if params.repetition_penalty != 1.0
                            else frozenset()))
         seq = Sequence(
@@ -418,7 +419,7 @@ class BatchScheduler:
             if seq.rule.matcher is not None:
                 left = min(params.max_tokens - seq.generated,
                            self.bundle.max_context - seq.prompt_len - seq.generated)
-                seq.rule.closing = left <= CLOSE_WITHIN
+                seq.rule.closer.arm(left)
         result = sample_batch(logits, [s.rule for s in seqs], self.grammar)
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(result.tokens))

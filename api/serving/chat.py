@@ -44,9 +44,14 @@ from api.serving.tool_parser import (
     ContentDelta,
     StreamingToolCallParser,
     ToolCallDelta,
-    parse_tool_calls,
 )
-from api.serving.tools import template_messages, template_tools, tool_call_grammar, tool_call_tags
+from api.serving.tools import (
+    inline_tools,
+    template_messages,
+    template_tools,
+    tool_call_grammar,
+    tool_call_tags,
+)
 from api.text import is_blank, normalize_text
 
 log = logging.getLogger("thai.serving")
@@ -61,6 +66,7 @@ class ChatPlan:
     tool_names: set[str]          # parse tool calls out of the text (empty: plain text)
     logprobs: bool
     parallel_tool_calls: bool     # false: a reply keeps only its first call
+    forced: bool = False          # the grammar writes tool calls (tool_choice required/named)
     echo: str = ""                # echo: the text put before each reply
     token_ids: bool = False       # return_token_ids
     prompt_logprobs: bool = False
@@ -226,8 +232,12 @@ class ChatServing(ServingBase):
             "return_token_ids": bool(request.return_token_ids)})
         options = self.template_options(request)
         messages, templated, tools = self.template_input(request)
-        prompt_ids = self.truncate_prompt(await self.encode_with(options, templated, tools),
-                                          request.truncate_prompt_tokens)
+        prompt_ids = await self.encode_with(options, templated, tools)
+        if tools and prompt_ids == await self.encode_with(options, templated, []):
+            # The served chat template has no tools section: write them in Qwen2.5's way
+            # rather than let the model never see them.
+            prompt_ids = await self.encode_with(options, inline_tools(templated, tools), [])
+        prompt_ids = self.truncate_prompt(prompt_ids, request.truncate_prompt_tokens)
         self.check_prompt_logprobs(len(prompt_ids), request.prompt_logprobs)
         forced = self.tool_grammar(request)
         if forced is not None:
@@ -255,7 +265,8 @@ class ChatServing(ServingBase):
         echo = (messages[-1]["content"] or "") if request.echo and messages[-1]["role"] == role else ""
         return ChatPlan(gens, names, request.logprobs, request.parallel_tool_calls is not False,
                         echo=echo, token_ids=bool(request.return_token_ids),
-                        prompt_logprobs=request.prompt_logprobs is not None)
+                        prompt_logprobs=request.prompt_logprobs is not None,
+                        forced=forced is not None)
 
     async def chat_request(self, request: ChatCompletionRequest,
                            tenant: str | None = None) -> GenerationRequest:
@@ -269,20 +280,21 @@ class ChatServing(ServingBase):
         names = TokenNames(self.engine)
         choices = []
         for index, result in enumerate(results):
-            content, calls = result.text, []
-            if plan.tool_names:
-                parsed_content, parsed = parse_tool_calls(result.text, plan.tool_names)
-                if not plan.parallel_tool_calls:  # forced calls are one by grammar; auto: cut
-                    parsed = parsed[:1]
-                if parsed:
-                    content, calls = parsed_content, [
-                        ToolCall(id=_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
-                        for c in parsed]
+            content, calls, reason = result.text, [], result.finish_reason
+            if plan.tool_names:  # read as the stream is (api.serving.tool_parser), so both agree
+                parser = StreamingToolCallParser(plan.tool_names, forced=plan.forced)
+                events = parser.feed(result.text) + parser.finish()
+                text = "".join(e.text for e in events if isinstance(e, ContentDelta))
+                content = text or (None if parser.calls or plan.forced else result.text)
+                calls = [ToolCall(id=e.id, function=FunctionCall(name=e.name, arguments=e.arguments))
+                         for e in events if isinstance(e, ToolCallDelta)
+                         and (plan.parallel_tool_calls or e.index == 0)]
+                reason = parser.finish_reason(result.finish_reason)
             if plan.echo:
                 content = plan.echo + (content or "")
             choices.append(ChatCompletionChoice(
                 index=index, message=ChatCompletionMessage(content=content, tool_calls=calls),
-                finish_reason="tool_calls" if calls else result.finish_reason,
+                finish_reason=reason,
                 logprobs=chat_logprobs(names, result.logprobs) if plan.logprobs else None,
                 token_ids=result.token_ids if plan.token_ids else None))
         prompt = plan.gens[0].prompt_ids
@@ -306,7 +318,8 @@ class ChatServing(ServingBase):
     def _sse(self, streams: Sequence[GenerationStream], plan: ChatPlan,
              include_usage: bool, continuous: bool = False) -> AsyncIterator[str]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        parsers = [StreamingToolCallParser(plan.tool_names) if plan.tool_names else None
+        parsers = [StreamingToolCallParser(plan.tool_names, forced=plan.forced)
+                   if plan.tool_names else None
                    for _ in streams]
         names = TokenNames(self.engine)
 
@@ -354,7 +367,8 @@ class ChatServing(ServingBase):
                      for i, delta in enumerate(found)]
             if chunk.finished:
                 parser = parsers[index]
-                reason = "tool_calls" if parser is not None and parser.calls else chunk.finish_reason
+                reason = (parser.finish_reason(chunk.finish_reason) if parser is not None
+                          else chunk.finish_reason)
                 lines.append(event([ChatCompletionChunkChoice(
                     index=index, delta=DeltaMessage(), finish_reason=reason,
                     token_ids=[] if plan.token_ids else None)], so_far))

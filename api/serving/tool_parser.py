@@ -18,15 +18,21 @@ The rules follow vLLM's ``Hermes2ProToolParser.extract_tool_calls``:
 * content is the text before the first ``<tool_call>`` (``None`` when it is empty or only
   whitespace); text outside the blocks after the first call is dropped, as vLLM does;
 * the last block may lack ``</tool_call>`` (the model stopped at EOS right after the JSON);
-* if any block is not a JSON object with a string ``name`` (or names a function not in
-  ``tool_names``, when given), the *whole* output is returned as plain content with no
-  calls: a half-understood answer is worse than the raw text, which the client can still
-  show. Beyond vLLM, a missing ``arguments`` is taken as ``{}`` and ``arguments`` given as
-  a JSON string of an object is accepted; any other ``arguments`` fails the block.
+* if the *first* block is not a JSON object with a string ``name`` (or names a function
+  not in ``tool_names``, when given), the whole output is returned as plain content with
+  no calls: a half-understood answer is worse than the raw text, which the client can
+  still show. Beyond vLLM, a missing ``arguments`` is taken as ``{}`` and ``arguments``
+  given as a JSON string of an object is accepted; any other ``arguments`` fails the block;
+* a block that fails *after* complete calls (most often the last one, cut by
+  ``max_tokens``) is dropped with everything after it: complete calls are always
+  returned as calls, and tool-call markup never becomes content next to them;
+* with ``forced`` (``tool_choice`` required or named, so the grammar wrote the blocks) a
+  failing block is dropped even when it is the first: it can only be a call cut short.
 
-The streaming parser gives the same content and calls for any split of the same text,
-except in one case it cannot undo: a block that fails *after* earlier calls were already
-sent. Then the earlier calls stand and the failing block's raw text follows as content.
+The streaming parser gives the same content and calls for any split of the same text
+(the chat serving reads finished replies with it too, so both agree by construction);
+``dropped`` says a block was dropped, which makes a cut reply's ``finish_reason``
+``length``.
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ def _content_or_none(text: str) -> str | None:
 
 
 def parse_tool_calls(
-    text: str, tool_names: set[str] | None = None
+    text: str, tool_names: set[str] | None = None, *, forced: bool = False
 ) -> tuple[str | None, list[ParsedToolCall]]:
     """``(content, calls)`` for a finished output; see the module docstring for the rules.
 
@@ -126,6 +132,8 @@ def parse_tool_calls(
     for closed, unterminated in _BLOCK.findall(text):
         call = parse_block(closed or unterminated, tool_names)
         if call is None:
+            if calls or forced:
+                break
             return _content_or_none(text), []
         calls.append(call)
     return _content_or_none(text[:start]), calls
@@ -153,10 +161,12 @@ class StreamingToolCallParser:
     lists every call emitted, so the caller can set ``finish_reason`` to ``"tool_calls"``.
     """
 
-    _TEXT, _BLOCK, _PLAIN = "text", "block", "plain"
+    _TEXT, _BLOCK, _PLAIN, _DROP = "text", "block", "plain", "drop"
 
-    def __init__(self, tool_names: set[str] | None = None) -> None:
+    def __init__(self, tool_names: set[str] | None = None, *, forced: bool = False) -> None:
         self.tool_names = tool_names
+        self.forced = forced
+        self.dropped = False  # a failing (cut) block was dropped: see the module docstring
         self.calls: list[ParsedToolCall] = []
         self._mode = self._TEXT
         self._buf = ""  # text not yet settled: a possible tag prefix, or an open block
@@ -169,6 +179,9 @@ class StreamingToolCallParser:
         """Take the next piece of decoded text; return what it settles."""
         self._buf += delta
         while True:
+            if self._mode == self._DROP:
+                self._buf = ""
+                break
             if self._mode == self._PLAIN:
                 self._emit_content(self._buf)
                 self._buf = ""
@@ -199,9 +212,16 @@ class StreamingToolCallParser:
             self._close_block(rest, TOOL_CALL_START + rest)
         elif self._mode == self._PLAIN:
             self._emit_content(rest)
-        else:
+        elif self._mode == self._TEXT:
             self._text(rest)
         return self._take()
+
+    def finish_reason(self, engine_reason: str | None) -> str | None:
+        """The choice's ``finish_reason``: ``tool_calls`` when calls were found, unless a
+        call was cut by the limit (``length``: the client must not take the reply as whole)."""
+        if engine_reason == "length" and self.dropped:
+            return "length"
+        return "tool_calls" if self.calls else engine_reason
 
     # -- internals ---------------------------------------------------------------------
 
@@ -226,6 +246,9 @@ class StreamingToolCallParser:
 
     def _close_block(self, block: str, raw: str) -> None:
         call = parse_block(block, self.tool_names)
+        if call is None and (self.calls or self.forced):
+            self._mode, self.dropped = self._DROP, True
+            return
         if call is None:
             self._mode = self._PLAIN
             self._emit_content(raw)

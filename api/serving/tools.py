@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping
 
+from api.engine.grammar import strict_schema
 from api.serving.tool_parser import TOOL_CALL_END, TOOL_CALL_START
 
 # How the forced JSON is laid out: no free whitespace (with llguidance's default,
@@ -57,18 +58,46 @@ def _function_of(entry: Mapping[str, Any]) -> Mapping[str, Any]:
     return entry
 
 
-def _call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+# Keys whose values are data, not schemas: a "$ref" inside them is left as it is.
+_DATA_KEYS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _relocated(schema: Any, base: str) -> Any:
+    """``schema`` with each local ``$ref`` ("#", "#/$defs/X", "#/definitions/X", any
+    pointer) made relative to ``base``, where the schema now lives in a larger document."""
+    if isinstance(schema, list):
+        return [_relocated(item, base) for item in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        elif key in _DATA_KEYS:
+            out[key] = value
+        else:
+            out[key] = _relocated(value, base)
+    return out
+
+
+def _call_schema(function: Mapping[str, Any], slot: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The call's schema and its parameters' schema, which goes under ``$defs/<slot>`` of
+    the grammar's schema: a function's local references (a nested Pydantic model's
+    ``$defs``, recursion through ``#``) then resolve there, as they do in
+    ``response_format``. Objects are strict (:func:`api.engine.grammar.strict_schema`)."""
     params = function.get("parameters")
     if params is None:
         params = EMPTY_PARAMETERS
     if not isinstance(params, Mapping):
         raise ValueError(f"function {function['name']!r}: parameters must be a JSON schema object")
-    return {
+    call = {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": dict(params)},
+        "properties": {"name": {"const": function["name"]},
+                       "arguments": {"$ref": f"#/$defs/{slot}"}},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+    return call, strict_schema(_relocated(dict(params), f"#/$defs/{slot}"))
 
 
 def tool_call_grammar(
@@ -97,8 +126,13 @@ def tool_call_grammar(
         if name in seen:
             raise ValueError(f"function {name!r} is given more than once")
         seen.add(name)
-    schemas = [_call_schema(f) for f in funcs]
-    schema: dict[str, Any] = dict(schemas[0]) if len(schemas) == 1 else {"anyOf": schemas}
+    calls, defs = [], {}
+    for i, f in enumerate(funcs):
+        call, params = _call_schema(f, f"call_{i}")
+        calls.append(call)
+        defs[f"call_{i}"] = params
+    schema: dict[str, Any] = dict(calls[0]) if len(calls) == 1 else {"anyOf": calls}
+    schema["$defs"] = defs
     schema["x-guidance"] = JSON_LAYOUT
     start, end = tags
     top = 'start: call ("\\n" call)*' if parallel else "start: call"
@@ -163,4 +197,54 @@ def template_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, A
                 calls.append({**call, "function": fn})
             msg["tool_calls"] = calls
         out.append(msg)
+    return out
+
+
+# Qwen2.5-Instruct's own words for the tools section of its system turn (its chat template,
+# api.engine.demo_checkpoint.CHATML_TEMPLATE), for a served template that has none.
+QWEN_TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query."
+                   "\n\nYou are provided with function signatures within <tools></tools> XML tags:"
+                   "\n<tools>")
+QWEN_TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name "
+                   "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                   '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def _tojson(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)  # Jinja's tojson as transformers defines it
+
+
+def inline_tools(messages: Iterable[Mapping[str, Any]],
+                 tools: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Template messages (:func:`template_messages`' output) with ``tools`` written into
+    them as Qwen2.5's template writes them, for a chat template without a tools section
+    (which would otherwise drop them without a word): the tools block appended to the
+    system message (one is added when there is none), assistant tool calls as
+    ``<tool_call>`` blocks in their content, ``tool`` results as ``<tool_response>`` blocks
+    in a user turn."""
+    block = QWEN_TOOLS_HEAD + "".join("\n" + _tojson(t) for t in tools) + QWEN_TOOLS_TAIL
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        role, content = msg.get("role"), msg.get("content") or ""
+        if role == "assistant" and msg.get("tool_calls"):
+            parts = [content] if content else []
+            for call in msg["tool_calls"]:
+                fn = call.get("function") or call
+                parts.append('<tool_call>\n{"name": "' + str(fn.get("name")) + '", "arguments": '
+                             + _tojson(fn.get("arguments", {})) + "}\n</tool_call>")
+            out.append({"role": "assistant", "content": "\n".join(parts)})
+        elif role == "tool":
+            response = "<tool_response>\n" + content + "\n</tool_response>"
+            if out and out[-1].get("tool_responses"):
+                out[-1]["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response, "tool_responses": True})
+        else:
+            out.append({k: v for k, v in msg.items() if k not in ("tool_calls", "tool_call_id")})
+    if out and out[0].get("role") == "system":
+        out[0] = {**out[0], "content": (out[0]["content"] + "\n\n" + block).lstrip("\n")}
+    else:
+        out.insert(0, {"role": "system", "content": block})
+    for msg in out:
+        msg.pop("tool_responses", None)
     return out
