@@ -69,6 +69,13 @@ class ModelSettings(BaseSettings):
         "next-token distribution of a bundled Thai text by at most this many nats per token "
         "(mean KL against the unquantized weights, measured at start-up; 0 never quantizes)."
     )
+    quant_cache_dir: str = Field(
+        "./models/.quant-cache", max_length=4096,
+        description="Folder where CPU-quantized weights (THAI_QUANTIZATION auto, int8, w8a8) are "
+        "kept, keyed by the content of the checkpoint and adapter, the setting, torch's version "
+        "and the CPU: a later start with the same ones reads them instead of quantizing again. "
+        "Empty: off.",
+    )
     require_model: bool = Field(
         False,
         description="Exit when the configured model cannot be loaded instead of "

@@ -190,7 +190,7 @@ def apply_quantization(model, settings: ModelSettings, device: str, dtype, token
         layers = quantize.quantize_int8(model, dtype)
         return "int8", f"int8: {layers} linear layers with int8 weights, set by THAI_QUANTIZATION"
     if requested == "w8a8":
-        layers = len(quantize.quantize_w8a8(model, cpu_flags()))
+        layers = len(quantize.quantize_w8a8(model, cpu_flags(), keep_originals=False))
         return "w8a8", (f"w8a8: {layers} linear layers with int8 weights and per-token int8 "
                         "activations, set by THAI_QUANTIZATION")
     # auto
@@ -230,6 +230,12 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     tok_dir = source.adapter if source.adapter and all(
         (Path(source.adapter) / f).exists() for f in TOKENIZER_FILES[:1]) else source.base_model
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    quant_cache = _quant_cache(settings, source, device, dtype)
+    if quant_cache is not None and (hit := quant_cache.load(source.base_model, dtype, cpu_flags())):
+        model, quantization, quantization_reason = hit
+        log.info("quantization %s", quantization_reason)
+        return _bundle(model, tokenizer, device, dtype, dtype_reason, source, quantization,
+                       quantization_reason)
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if bitsandbytes:
@@ -262,6 +268,8 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     quantization, quantization_reason = apply_quantization(model, settings, device, dtype,
                                                            tokenizer, source)
     log.info("quantization %s", quantization_reason)
+    if quant_cache is not None:
+        quant_cache.store(model, quantization, quantization_reason)
 
     eos: set[int] = set()
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -285,3 +293,30 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         eos_token_ids=tuple(sorted(eos)),
         max_context=max_context,
     )
+
+
+def _quant_cache(settings: ModelSettings, source: ModelSource, device: str, dtype):
+    """The quantized-weight cache entry for this start (THAI_QUANT_CACHE_DIR), or None."""
+    from api.engine.quant_cache import QuantCache
+
+    return QuantCache.for_settings(settings, source, device, dtype, cpu_flags())
+
+
+def _bundle(model, tokenizer, device: str, dtype, dtype_reason: str, source: ModelSource,
+            quantization: str, quantization_reason: str) -> ModelBundle:
+    """A bundle around a model built from the quantized-weight cache: the same end state as
+    :func:`load_model_bundle`'s own path (CPU decode attention, end-of-sequence ids)."""
+    from api.engine.attention import use_cpu_decode_attention
+
+    use_cpu_decode_attention(model)
+    eos: set[int] = set()
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos or ())
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return ModelBundle(
+        model=model, tokenizer=tokenizer, device=device, dtype=str(dtype).replace("torch.", ""),
+        dtype_reason=dtype_reason, quantization=quantization,
+        quantization_reason=quantization_reason, source=source,
+        eos_token_ids=tuple(sorted(eos)),
+        max_context=int(getattr(model.config, "max_position_embeddings", 0) or 4096))

@@ -49,9 +49,11 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int8Linear":
         weight = linear.weight.detach()
         scales = weight.abs().amax(dim=1).float().clamp(min=1e-8) / 127.0
-        q = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        for rows in _row_chunks(weight.shape[0]):  # no float32 copy of a whole (vocabulary) matrix
+            q[rows] = torch.round(weight[rows].float() / scales[rows, None]).clamp(-127, 127)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        return cls(q.contiguous(), scales.to(dtype), bias)
+        return cls(q, scales.to(dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -105,16 +107,35 @@ class W8A8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, reduce_range: bool) -> "W8A8Linear":
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        weight = linear.weight.detach()
+        scales = (weight.abs().amax(dim=1).float().clamp(min=1e-8) / 127.0).double()
+        q = torch.empty(weight.shape, dtype=torch.int8)
         with warnings.catch_warnings():  # torch flags quantized-tensor creation as deprecated
             warnings.simplefilter("ignore")
-            qweight = torch.quantize_per_channel(
-                weight, scales.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0,
-                torch.qint8)
-            packed = torch.ops.quantized.linear_prepack(qweight, None)
+            for rows in _row_chunks(weight.shape[0]):  # no float32 copy of a whole matrix
+                q[rows] = torch.quantize_per_channel(
+                    weight[rows].float(), scales[rows], torch.zeros(len(scales[rows]), dtype=torch.long),
+                    0, torch.qint8).int_repr()
         bias = None if linear.bias is None else linear.bias.detach().float()
+        return cls.from_int8(q, scales, bias, reduce_range)
+
+    @classmethod
+    def from_int8(cls, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                  reduce_range: bool) -> "W8A8Linear":
+        """From int8 weights [out, in] and their float64 per-row scales (as :meth:`int8_weight`
+        gives them back): the same packed weights, hence the same outputs, as the layer they
+        came from. Packing is fbgemm's reorder for its kernel, done on one core."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(
+                weight, scales.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0)
+            packed = torch.ops.quantized.linear_prepack(qweight, None)
         return cls(packed, weight.shape[1], weight.shape[0], bias, reduce_range)
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 weights [out, in] and float64 per-row scales, unpacked from fbgemm's form."""
+        qweight, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return qweight.int_repr(), qweight.q_per_channel_scales().double()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -151,29 +172,53 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype) -> int:
     return len(_replace_linears(model, lambda linear: Int8Linear.from_linear(linear, dtype)))
 
 
-def quantize_w8a8(model: nn.Module,
-                  cpu_flags: Collection[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+def quantize_w8a8(model: nn.Module, cpu_flags: Collection[str],
+                  keep_originals: bool = True) -> list[tuple[nn.Module, str, nn.Linear | None]]:
     """Replace every ``nn.Linear`` (``lm_head`` too) with :class:`W8A8Linear`; returns
-    (parent, name, original) for each, which :func:`restore_linears` puts back."""
-    reduce_range = not any(flag in cpu_flags for flag in VNNI_FLAGS)
-    return _replace_linears(model, lambda linear: W8A8Linear.from_linear(linear, reduce_range))
+    (parent, name, original) for each, which :func:`restore_linears` puts back. Without
+    ``keep_originals`` each original is let go as soon as it is converted (original None),
+    so the full-precision and the int8 model are never in memory together."""
+    reduce_range = w8a8_reduce_range(cpu_flags)
+    return _replace_linears(model, lambda linear: W8A8Linear.from_linear(linear, reduce_range),
+                            keep_originals)
 
 
-def restore_linears(replaced: list[tuple[nn.Module, str, nn.Linear]]) -> None:
+def w8a8_reduce_range(cpu_flags: Collection[str]) -> bool:
+    """fbgemm's 7-bit activations, for CPUs without VNNI (see :class:`W8A8Linear`)."""
+    return not any(flag in cpu_flags for flag in VNNI_FLAGS)
+
+
+def restore_linears(replaced: list[tuple[nn.Module, str, nn.Linear | None]]) -> None:
     for parent, name, original in replaced:
         setattr(parent, name, original)
 
 
-def _replace_linears(model: nn.Module, convert) -> list[tuple[nn.Module, str, nn.Linear]]:
+def _replace_linears(model: nn.Module, convert,
+                     keep_originals: bool = True) -> list[tuple[nn.Module, str, nn.Linear | None]]:
     """Convert every ``nn.Linear`` under ``model``, several at once: fbgemm's packing runs on
-    one core, so a thread per core (the GIL is released inside torch) divides the time."""
+    one core, so a thread per core (the GIL is released inside torch) divides the time. Each
+    layer is swapped in as soon as it is converted; without ``keep_originals`` nothing else
+    holds the original, so its weights are freed then (peak memory: the model plus a few
+    layers, not the model twice)."""
     found = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    places = [(parent, name) for parent, name, _ in found]
+
+    def swap(item: tuple[nn.Module, str, nn.Linear]) -> nn.Linear | None:
+        parent, name, linear = item
+        setattr(parent, name, convert(linear))
+        return linear if keep_originals else None
+
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        converted = list(pool.map(lambda item: convert(item[2]), found))
-    for (parent, name, _), new in zip(found, converted):
-        setattr(parent, name, new)
-    return found
+        results = pool.map(swap, found)
+        del found  # the pool's pending work holds each original until it is converted
+        originals = list(results)
+    return [(parent, name, original) for (parent, name), original in zip(places, originals)]
+
+
+def _row_chunks(rows: int, chunk: int = 4096):
+    for start in range(0, rows, chunk):
+        yield slice(start, start + chunk)
 
 
 # ------------------------------------------------------------------ THAI_QUANTIZATION=auto
