@@ -199,7 +199,8 @@ def apply_quantization(model, settings: ModelSettings, device: str, dtype, token
     if source.adapter and not settings.merge_lora:
         return "none", "none: THAI_QUANTIZATION=auto needs the adapter merged (THAI_MERGE_LORA=true)"
     return quantize.choose_cpu_quantization(model, quantize.probe_ids(tokenizer),
-                                            settings.quantization_max_kl, cpu_flags())
+                                            settings.quantization_max_kl, cpu_flags(),
+                                            reload=lambda: _load_merged(source, dtype))
 
 
 def load_model_bundle(settings: ModelSettings) -> ModelBundle:
@@ -320,3 +321,16 @@ def _bundle(model, tokenizer, device: str, dtype, dtype_reason: str, source: Mod
         quantization_reason=quantization_reason, source=source,
         eos_token_ids=tuple(sorted(eos)),
         max_context=int(getattr(model.config, "max_position_embeddings", 0) or 4096))
+
+
+def _load_merged(source: ModelSource, dtype):
+    """The unquantized model on the CPU, adapter merged, loaded again: what
+    ``THAI_QUANTIZATION=auto`` falls back to after freeing the layers it converted."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.base_model, dtype=dtype)
+    if source.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
+    return model.eval()

@@ -26,7 +26,7 @@ measures both.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -252,7 +252,8 @@ def probe_ids(tokenizer) -> list[int]:
 
 
 def choose_cpu_quantization(model: nn.Module, ids: list[int], max_kl: float,
-                            cpu_flags: Collection[str]) -> tuple[str, str]:
+                            cpu_flags: Collection[str],
+                            reload: Callable[[], nn.Module] | None = None) -> tuple[str, str]:
     """``THAI_QUANTIZATION=auto`` on a CPU: ``w8a8`` (the fastest setting, ``bench/RESULTS.md``)
     if, on *these* weights, it moves the next-token distribution of a bundled Thai text by
     at most ``max_kl`` nats per token on average; otherwise the weights stay as they are.
@@ -261,6 +262,11 @@ def choose_cpu_quantization(model: nn.Module, ids: list[int], max_kl: float,
     Measured at start-up rather than assumed: a trained model's activations can have
     outlier channels that per-token int8 rounds badly, which random or other weights
     would not show. Costs two forward passes over :data:`PROBE_TOKENS` tokens.
+
+    With ``reload`` (a function loading the same unquantized model again), each original
+    layer is freed as soon as it is converted, so the unquantized and the quantized weights
+    are never in memory together; if w8a8 is then refused, the layers are taken from a
+    reloaded copy. Without it, the originals are kept until the verdict.
     """
     if max_kl <= 0:
         return "none", "none: THAI_QUANTIZATION_MAX_KL=0 (auto never quantizes)"
@@ -270,12 +276,20 @@ def choose_cpu_quantization(model: nn.Module, ids: list[int], max_kl: float,
         return "none", (f"none: the probe text {PROBE_TEXT.name} is missing, so w8a8's quality "
                         "cost cannot be checked")
     reference = next_token_logprobs(model, ids)
-    replaced = quantize_w8a8(model, cpu_flags)
+    paths = {id(module): name for name, module in model.named_modules()}
+    replaced = quantize_w8a8(model, cpu_flags, keep_originals=reload is None)
     kl = kl_divergence(reference, next_token_logprobs(model, ids)).mean().item()
     measured = f"KL {kl:.4f} nats/token against the unquantized weights on {len(ids)} Thai tokens"
     if kl <= max_kl:
         return "w8a8", (f"w8a8 chosen by THAI_QUANTIZATION=auto: {measured} "
                         f"(limit THAI_QUANTIZATION_MAX_KL={max_kl:g})")
+    if reload is not None:
+        fresh = reload()
+        replaced = [(parent, name, fresh.get_submodule(f"{paths[id(parent)]}.{name}".lstrip(".")))
+                    for parent, name, _ in replaced]
+        del fresh
     restore_linears(replaced)
+    if reload is not None and getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the output projection shares this model's embedding again
     return "none", (f"none: THAI_QUANTIZATION=auto measured w8a8 at {measured}, "
                     f"above THAI_QUANTIZATION_MAX_KL={max_kl:g}")
