@@ -31,7 +31,7 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def one(model: str, lora: str, dtype: str, quantization: str, cache: str) -> dict:
+def one(model: str, lora: str, dtype: str, quantization: str, cache: str, max_kl: float) -> dict:
     import psutil
 
     from api.engine.loader import load_model_bundle
@@ -39,7 +39,7 @@ def one(model: str, lora: str, dtype: str, quantization: str, cache: str) -> dic
 
     bundle = load_model_bundle(ModelSettings(
         base_model=model, lora_path=lora, require_model=True, device="cpu", dtype=dtype,
-        quantization=quantization, quant_cache_dir=cache))
+        quantization=quantization, quant_cache_dir=cache, quantization_max_kl=max_kl))
     seconds = time.time() - psutil.Process().create_time()
     import torch
 
@@ -48,7 +48,7 @@ def one(model: str, lora: str, dtype: str, quantization: str, cache: str) -> dic
     return {"quantization": quantization, "runs": bundle.quantization,
             "from_cache": "quantized-weight cache" in bundle.quantization_reason,
             "start_s": round(seconds, 2), "peak_rss_mib": _status_kib("VmHWM") // 1024,
-            "final_rss_mib": _status_kib("VmRSS") // 1024}
+            "final_rss_mib": _status_kib("VmRSS") // 1024, "reason": bundle.quantization_reason}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="THAI_QUANTIZATION of each start, in order")
     parser.add_argument("--cache", help="quantized-weight cache folder (default: a new "
                         "temporary one, removed at the end)")
+    parser.add_argument("--max-kl", type=float, default=0.01, help="THAI_QUANTIZATION_MAX_KL")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.model, args.lora, args.dtype, args.one, args.cache or "")))
+        print(json.dumps(one(args.model, args.lora, args.dtype, args.one, args.cache or "",
+                             args.max_kl)))
         return
     cache = args.cache or tempfile.mkdtemp(prefix="quant-cache-")
     rows = []
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         for quantization in args.runs.split(","):
             out = subprocess.run(
                 [sys.executable, "-m", "bench.start_cost", "--model", args.model, "--lora",
-                 args.lora, "--dtype", args.dtype, "--cache", cache, "--one", quantization],
+                 args.lora, "--dtype", args.dtype, "--cache", cache, "--max-kl", str(args.max_kl),
+                 "--one", quantization],
                 capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)

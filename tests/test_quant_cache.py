@@ -36,7 +36,7 @@ def entries(cache) -> list:
     return sorted(p for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-@pytest.mark.parametrize("quantization", ["w8a8", "int8"])
+@pytest.mark.parametrize("quantization", ["w8a8", "int8", "int4"])
 def test_second_start_reads_the_cache_and_computes_the_same(demo_checkpoint, tmp_path, quantization):
     base, lora = demo_checkpoint
     first = load(base, lora, tmp_path, quantization=quantization)
@@ -138,3 +138,22 @@ def test_server_started_from_the_cache_says_so_and_answers_alike(cached_server):
                                    eos_token_id=list(first.eos_token_ids))
     expected = first.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     assert reply.json()["choices"][0]["text"] == expected
+
+
+def test_int4_layer_is_the_linear_within_4bit_rounding():
+    """THAI_QUANTIZATION=int4's layer (torch's CPU int4 kernel) against the bf16 linear it
+    replaces, for one row (decode) and many (prefill): 4-bit rounding of uniform weights
+    moves outputs by a few percent, a wrong packing or group layout by ~100%."""
+    from torch import nn
+
+    from api.engine.quantize import Int4Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 384).to(torch.bfloat16)
+    layer = Int4Linear.from_linear(linear)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 256 * 384 // 2
+    for rows in (1, 40):
+        x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        ref = linear(x).float()
+        error = ((layer(x).float() - ref).norm() / ref.norm()).item()
+        assert error < 0.1, (rows, error)

@@ -193,6 +193,10 @@ def apply_quantization(model, settings: ModelSettings, device: str, dtype, token
         layers = len(quantize.quantize_w8a8(model, cpu_flags(), keep_originals=False))
         return "w8a8", (f"w8a8: {layers} linear layers with int8 weights and per-token int8 "
                         "activations, set by THAI_QUANTIZATION")
+    if requested == "int4":
+        layers = quantize.quantize_int4(model)
+        return "int4", (f"int4: {layers} linear layers with 4-bit weights in groups of "
+                        f"{quantize.INT4_GROUP}, set by THAI_QUANTIZATION")
     # auto
     if device != "cpu":
         return "none", "none: THAI_QUANTIZATION=auto quantizes on the CPU only"
@@ -209,7 +213,7 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
 
     device = resolve_device(settings.device)
     bitsandbytes = settings.quantization in ("8bit", "4bit")
-    cpu_int8 = settings.quantization in ("int8", "w8a8")
+    cpu_int8 = settings.quantization in ("int8", "w8a8", "int4")
     if bitsandbytes and device != "cuda":
         raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} needs a CUDA GPU "
                              "(bitsandbytes); on a CPU use THAI_QUANTIZATION=int8, w8a8 or none")
@@ -223,6 +227,11 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         from api.engine.quantize import w8a8_supported
 
         if (problem := w8a8_supported()) is not None:
+            raise ModelLoadError(problem)
+    if settings.quantization == "int4":
+        from api.engine.quantize import int4_supported
+
+        if (problem := int4_supported()) is not None:
             raise ModelLoadError(problem)
     dtype, dtype_reason = resolve_dtype(settings.dtype, device)
     log.info("weights dtype %s", dtype_reason)

@@ -44,7 +44,7 @@ log = logging.getLogger("thai.engine.quant_cache")
 
 FORMAT = 1
 WEIGHTS, META, DIGESTS = "weights.safetensors", "meta.json", "digests.json"
-CACHED_SETTINGS = ("auto", "int8", "w8a8")
+CACHED_SETTINGS = ("auto", "int8", "w8a8", "int4")
 # The instruction sets that decide which kernels (and 7- or 8-bit activations) run.
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16",
                 "amx_bf16")
@@ -148,7 +148,7 @@ class QuantCache:
     def store(self, model, quantization: str, reason: str) -> bool:
         """Write the quantized model as an entry (a model left unquantized is not kept:
         there is nothing to save). Failures are logged, never raised: the start goes on."""
-        if quantization not in ("int8", "w8a8") or (self.entry / META).exists():
+        if quantization not in ("int8", "w8a8", "int4") or (self.entry / META).exists():
             return False
         started = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
@@ -224,7 +224,7 @@ def _fsync(path: Path) -> None:
 def _tensors(model) -> tuple[list[tuple[str, Any]], dict[str, str], dict[str, str]]:
     """(name, tensor or layer) in writing order, the quantized layers' kinds, and aliases
     (a tensor shared under a second name is written once)."""
-    from api.engine.quantize import Int8Linear, W8A8Linear
+    from api.engine.quantize import Int4Linear, Int8Linear, W8A8Linear
 
     items: list[tuple[str, Any]] = []
     layers: dict[str, str] = {}
@@ -238,8 +238,9 @@ def _tensors(model) -> tuple[list[tuple[str, Any]], dict[str, str], dict[str, st
             if module.bias is not None:
                 items.append((prefix + "bias", module.bias))
             continue
-        if isinstance(module, Int8Linear):
-            layers[module_name] = "int8"
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            layers[module_name] = "int8" if isinstance(module, Int8Linear) else \
+                f"int4:{module.in_features}:{module.group}"
         if any(module_name.startswith(f"{layer}.") for layer in layers):
             continue
         for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
@@ -298,7 +299,7 @@ def _build(base_model: str, dtype, weights: Path, meta: dict, flags):
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from api.engine.quantize import Int8Linear, W8A8Linear, w8a8_reduce_range
+    from api.engine.quantize import Int4Linear, Int8Linear, W8A8Linear, w8a8_reduce_range
 
     config = AutoConfig.from_pretrained(base_model)
     with init_empty_weights(include_buffers=False):
@@ -321,6 +322,11 @@ def _build(base_model: str, dtype, weights: Path, meta: dict, flags):
             if kind == "w8a8":
                 layer = W8A8Linear.from_int8(f.get_tensor(f"{name}.qweight"),
                                              f.get_tensor(f"{name}.qscales"), bias, reduce_range)
+            elif kind.startswith("int4:"):
+                _, in_features, group = kind.split(":")
+                layer = Int4Linear(f.get_tensor(f"{name}.weight"),
+                                   f.get_tensor(f"{name}.scales_and_zeros"), bias,
+                                   int(in_features), int(group))
             else:
                 layer = Int8Linear(f.get_tensor(f"{name}.weight"), f.get_tensor(f"{name}.scales"),
                                    bias)
@@ -332,7 +338,8 @@ def _build(base_model: str, dtype, weights: Path, meta: dict, flags):
                 parent, _, attr = name.rpartition(".")
                 setattr(module_at(parent), attr, layer)
         owned = {f"{name}.{suffix}" for name in layers
-                 for suffix in ("qweight", "qscales", "weight", "scales", "bias")}
+                 for suffix in ("qweight", "qscales", "weight", "scales", "scales_and_zeros",
+                                "bias")}
         for name in sorted(names - owned):
             parent, _, attr = name.rpartition(".")
             _assign(module_at(parent), attr, f.get_tensor(name))

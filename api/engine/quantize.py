@@ -156,6 +156,78 @@ class W8A8Linear(nn.Module):
                 "int8 weights and per-token int8 activations")
 
 
+class Int4Linear(nn.Module):
+    """4-bit weights in groups of :data:`INT4_GROUP` along the input (asymmetric: a bf16 scale
+    and zero point per group, as torchao's int4 weight-only) with torch's own CPU kernel
+    ``aten._weight_int4pack_mm_for_cpu`` (prefill too: the packed layout is the kernel's
+    own, so there is no cheap dequantized copy): a quarter of bf16's bytes per token."""
+
+    def __init__(self, weight: torch.Tensor, scales_and_zeros: torch.Tensor,
+                 bias: torch.Tensor | None, in_features: int, group: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, weight.shape[0], group
+        self.register_buffer("weight", weight)                    # packed by torch, uint8
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in / group, out, 2] bf16
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group: int = 0) -> "Int4Linear":
+        group = group or INT4_GROUP
+        out_f, in_f = linear.weight.shape
+        q = torch.empty(out_f, in_f, dtype=torch.int32)
+        scales = torch.empty(out_f, in_f // group, 1)
+        zeros = torch.empty(out_f, in_f // group, 1)
+        for rows in _row_chunks(out_f):
+            w = linear.weight[rows].float().reshape(-1, in_f // group, group)
+            low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            scale = (high - low).clamp(min=1e-6) / 15
+            q[rows] = ((w - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(-1, in_f)
+            scales[rows], zeros[rows] = scale, low + scale * 8
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        del q
+        scales_and_zeros = torch.cat([scales, zeros], 2).transpose(0, 1).contiguous().to(
+            torch.bfloat16)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        return cls(packed, scales_and_zeros, bias, in_f, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group,
+                                                         self.scales_and_zeros)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 weights in groups of {self.group}")
+
+
+INT4_GROUP = 64
+
+
+def int4_supported() -> str | None:
+    """Why ``int4`` cannot run here, or None: it needs torch's CPU int4 kernels."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"THAI_QUANTIZATION=int4 needs torch's CPU int4 kernels (torch {torch.__version__} lacks them)"
+    return None
+
+
+def quantize_int4(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` whose shape the kernel takes (input a multiple of the
+    group, output of 16) with :class:`Int4Linear`, freeing each original as it goes;
+    returns how many (the others stay as they are)."""
+    found = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children()
+             if isinstance(child, nn.Linear) and child.in_features % INT4_GROUP == 0
+             and child.out_features % 16 == 0]  # the kernel's blocks
+    for parent, name, child in found:
+        setattr(parent, name, Int4Linear.from_linear(child))
+    return len(found)
+
+
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
