@@ -278,6 +278,10 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     quantization, quantization_reason = apply_quantization(model, settings, device, dtype,
                                                            tokenizer, source)
     log.info("quantization %s", quantization_reason)
+    if quantization in ("int8", "w8a8", "int4"):
+        from api.engine.quantize import own_tensors
+
+        own_tensors(model)
     if quant_cache is not None:
         quant_cache.store(model, quantization, quantization_reason)
 

@@ -6,8 +6,9 @@ converts every linear layer. None of that changes while the checkpoint, the adap
 the setting stay the same, so the first start writes the result (int8 weights, scales,
 everything else as loaded, and the reason ``/health`` shows) to one folder per key, and
 the next start builds the model from it: a skeleton without memory (``accelerate``'s
-``init_empty_weights``), each layer read from the file and packed for fbgemm in turn, so
-the full-precision weights are never in memory.
+``init_empty_weights``), each layer read from the file (``pread``) and packed for fbgemm in
+turn, so the full-precision weights are never in memory and the peak stays near the final
+size.
 
 The key is a SHA-256 over the *content* of the files that define the weights (base model
 weights and config, adapter, tokenizer: ``auto``'s probe reads it), the setting
@@ -310,7 +311,10 @@ def _build(base_model: str, dtype, weights: Path, meta: dict, flags):
         pass
     layers: dict[str, str] = meta["layers"]
     reduce_range = w8a8_reduce_range(flags)
-    with safe_open(str(weights), framework="pt") as f:
+    # pread, not mmap: each tensor is read into memory of its own, and a w8a8 layer's int8
+    # bytes are freed once packed; mapped, every page read would stay resident (and counted)
+    # until the file is closed, the whole file on top of the packed copy.
+    with safe_open(str(weights), framework="pt", backend="pread") as f:
         names = set(f.keys())
 
         def module_at(path: str):

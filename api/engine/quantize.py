@@ -228,6 +228,23 @@ def quantize_int4(model: nn.Module) -> int:
     return len(found)
 
 
+def own_tensors(model: nn.Module) -> None:
+    """Copy the parameters left unquantized (embedding, norms) into memory of their own.
+
+    transformers maps the checkpoint file and its parameters are views of that mapping: as
+    long as one (the embedding) lives, every page read stays mapped and counted as resident,
+    the whole full-precision checkpoint beside the quantized layers. Copied, the mapping is
+    released with the last view."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = nn.Parameter(param.detach().clone(),
+                                                        requires_grad=False)
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(
+            getattr(model, "lm_head", None), nn.Linear):
+        model.tie_weights()
+
+
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
