@@ -157,3 +157,20 @@ def test_int4_layer_is_the_linear_within_4bit_rounding():
         ref = linear(x).float()
         error = ((layer(x).float() - ref).norm() / ref.norm()).item()
         assert error < 0.1, (rows, error)
+
+
+def test_auto_refusal_is_kept_and_not_measured_again(demo_checkpoint, tmp_path):
+    """auto measured w8a8 above its bound: the next start with the same weights and bound
+    loads them unquantized at once, with the measured verdict; another bound measures anew."""
+    base, lora = demo_checkpoint
+    first = load(base, lora, tmp_path, quantization="auto", quantization_max_kl=1e-9)
+    assert first.quantization == "none" and "measured w8a8 at KL " in first.quantization_reason
+    meta = json.loads((entries(tmp_path)[0] / META).read_text())
+    assert meta["runs"] == "none" and not (entries(tmp_path)[0] / WEIGHTS).exists()
+    second = load(base, lora, tmp_path, quantization="auto", quantization_max_kl=1e-9)
+    assert second.quantization == "none"
+    assert second.quantization_reason == (first.quantization_reason +
+                                          " [verdict kept in the quantized-weight cache]")
+    assert torch.equal(logits(first), logits(second))
+    lenient = load(base, lora, tmp_path, quantization="auto", quantization_max_kl=10)
+    assert lenient.quantization == "w8a8" and CACHED not in lenient.quantization_reason

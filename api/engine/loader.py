@@ -241,7 +241,8 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         (Path(source.adapter) / f).exists() for f in TOKENIZER_FILES[:1]) else source.base_model
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     quant_cache = _quant_cache(settings, source, device, dtype)
-    if quant_cache is not None and (hit := quant_cache.load(source.base_model, dtype, cpu_flags())):
+    hit = quant_cache.load(source.base_model, dtype, cpu_flags()) if quant_cache else None
+    if hit is not None and hit[0] is not None:
         model, quantization, quantization_reason = hit
         log.info("quantization %s", quantization_reason)
         return _bundle(model, tokenizer, device, dtype, dtype_reason, source, quantization,
@@ -275,14 +276,14 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         if settings.merge_lora and not bitsandbytes:
             model = model.merge_and_unload()
     model.eval()
-    quantization, quantization_reason = apply_quantization(model, settings, device, dtype,
-                                                           tokenizer, source)
+    quantization, quantization_reason = hit[1:] if hit is not None else apply_quantization(
+        model, settings, device, dtype, tokenizer, source)
     log.info("quantization %s", quantization_reason)
     if quantization in ("int8", "w8a8", "int4"):
         from api.engine.quantize import own_tensors
 
         own_tensors(model)
-    if quant_cache is not None:
+    if quant_cache is not None and hit is None:
         quant_cache.store(model, quantization, quantization_reason)
 
     eos: set[int] = set()

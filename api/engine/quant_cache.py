@@ -119,7 +119,9 @@ class QuantCache:
     # ------------------------------------------------------------------ read
     def load(self, base_model: str, dtype, flags) -> tuple[Any, str, str] | None:
         """(model, quantization, reason) from the entry, or None (missing, stale or damaged:
-        a damaged entry is removed so this start's :meth:`store` writes it again)."""
+        a damaged entry is removed so this start's :meth:`store` writes it again). Where
+        ``auto`` measured w8a8 and refused it, the model is None: load the weights as they
+        are, without measuring again."""
         meta_path = self.entry / META
         if not meta_path.exists():
             log.info("quantized-weight cache: no entry for this checkpoint and setting in %s",
@@ -130,6 +132,10 @@ class QuantCache:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             if meta.get("key") != self.key or meta.get("format") != FORMAT:
                 raise ValueError("the entry belongs to another key or format")
+            if meta["runs"] == "none":  # auto measured and refused: no probe this time
+                log.info("quantized-weight cache: auto's verdict for these weights is kept in %s",
+                         self.entry)
+                return None, "none", f"{meta['reason']} [verdict kept in the quantized-weight cache]"
             weights = self.entry / WEIGHTS
             if weights.stat().st_size != meta["size"]:
                 raise ValueError(f"{WEIGHTS} is {weights.stat().st_size} bytes, "
@@ -147,14 +153,16 @@ class QuantCache:
 
     # ------------------------------------------------------------------ write
     def store(self, model, quantization: str, reason: str) -> bool:
-        """Write the quantized model as an entry (a model left unquantized is not kept:
-        there is nothing to save). Failures are logged, never raised: the start goes on."""
-        if quantization not in ("int8", "w8a8", "int4") or (self.entry / META).exists():
+        """Write the quantized model as an entry; where ``auto`` refused w8a8, only its
+        verdict. Failures are logged, never raised: the start goes on."""
+        verdict = (quantization == "none" and self.description["quantization"] == "auto"
+                   and "measured" in reason)  # auto's refusal: the KL it measured is kept
+        if not (verdict or quantization in ("int8", "w8a8", "int4")) or (self.entry / META).exists():
             return False
         started = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
-            size, layers, aliases = _write(model, tmp / WEIGHTS)
+            size, layers, aliases = (0, {}, {}) if verdict else _write(model, tmp / WEIGHTS)
             meta = {"key": self.key, "size": size, "layers": layers, "aliases": aliases,
                     "runs": quantization, "reason": reason,
                     "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
