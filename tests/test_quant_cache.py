@@ -116,7 +116,7 @@ def cached_server(demo_checkpoint, tmp_path_factory):
     env = {"THAI_BASE_MODEL": str(base), "THAI_LORA_PATH": str(lora), "THAI_REQUIRE_MODEL": "true",
            "THAI_DTYPE": "float32", "THAI_QUANTIZATION": "auto", "THAI_QUANTIZATION_MAX_KL": "10",
            "THAI_QUANT_CACHE_DIR": str(cache), "THAI_ENABLE_UI": "false"}
-    server = start_server(env, tmp_path_factory.mktemp("quant-cache-logs"))
+    server = start_server(env, tmp_path_factory.mktemp("quant-cache-logs"), timeout=600)
     try:
         yield server, first
     finally:
