@@ -41,13 +41,15 @@ def one(model: str, lora: str, dtype: str, quantization: str, cache: str, max_kl
         base_model=model, lora_path=lora, require_model=True, device="cpu", dtype=dtype,
         quantization=quantization, quant_cache_dir=cache, quantization_max_kl=max_kl))
     seconds = time.time() - psutil.Process().create_time()
+    times = psutil.Process().cpu_times()  # CPU seconds: what a busy machine does not inflate
     import torch
 
     with torch.inference_mode():  # one short forward: every weight read once, so resident
         bundle.model(torch.tensor([bundle.tokenizer("สวัสดีครับ")["input_ids"]]))
     return {"quantization": quantization, "runs": bundle.quantization,
             "from_cache": "quantized-weight cache" in bundle.quantization_reason,
-            "start_s": round(seconds, 2), "peak_rss_mib": _status_kib("VmHWM") // 1024,
+            "start_s": round(seconds, 2), "cpu_s": round(times.user + times.system, 1),
+            "peak_rss_mib": _status_kib("VmHWM") // 1024,
             "final_rss_mib": _status_kib("VmRSS") // 1024, "reason": bundle.quantization_reason}
 
 
@@ -81,12 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not args.cache:
             shutil.rmtree(cache, ignore_errors=True)
-    print(f"| THAI_QUANTIZATION ({args.dtype}) | runs | from cache | start s | peak RSS MiB "
-          "| final RSS MiB | peak / final |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(f"| THAI_QUANTIZATION ({args.dtype}) | runs | from cache | start s | CPU s | "
+          "peak RSS MiB | final RSS MiB | peak / final |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['quantization']} | {r['runs']} | {'yes' if r['from_cache'] else 'no'} | "
-              f"{r['start_s']} | {r['peak_rss_mib']} | {r['final_rss_mib']} | "
+              f"{r['start_s']} | {r.get('cpu_s', '')} | {r['peak_rss_mib']} | {r['final_rss_mib']} | "
               f"{r['peak_rss_mib'] / max(1, r['final_rss_mib']):.2f} |")
 
 
