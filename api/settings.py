@@ -73,7 +73,7 @@ class ModelSettings(BaseSettings):
     )
     quant_cache_dir: str = Field(
         "./models/.quant-cache", max_length=4096,
-        description="Folder where CPU-quantized weights (THAI_QUANTIZATION auto, int8, w8a8) are "
+        description="Folder where CPU-quantized weights (THAI_QUANTIZATION auto, int8, w8a8, int4) are "
         "kept, keyed by the content of the checkpoint and adapter, the setting, torch's version "
         "and the CPU: a later start with the same ones reads them instead of quantizing again. "
         "Empty: off.",
