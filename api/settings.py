@@ -57,17 +57,26 @@ class ModelSettings(BaseSettings):
         "auto", description="Weights dtype: auto is bf16 (fp16 without bf16) on a GPU; on a CPU bf16 "
         "where it has native bf16 (AVX512-BF16 or AMX), float32 elsewhere."
     )
-    quantization: Literal["auto", "none", "int8", "w8a8", "8bit", "4bit"] = Field(
+    quantization: Literal["auto", "none", "int8", "w8a8", "int4", "8bit", "4bit"] = Field(
         "auto", description="auto: on a CPU, w8a8 if its measured quality cost on the loaded "
         "weights is within THAI_QUANTIZATION_MAX_KL, else none; on a GPU none. CPU settings, "
         "applied to the merged model: int8 = weight-only int8 (torch's packed kernel: faster "
         "decode, bf16's prefill), w8a8 = int8 weights and per-token int8 activations (fbgemm: "
-        "fastest prefill and decode, larger quality cost). 8bit/4bit: bitsandbytes (CUDA only)."
+        "fastest prefill and decode, larger quality cost), int4 = 4-bit weights in groups of 64 "
+        "(torch's CPU int4 kernel: a quarter of bf16's bytes, the largest quality cost; "
+        "bench.quant_quality measures it). 8bit/4bit: bitsandbytes (CUDA only)."
     )
     quantization_max_kl: float = Field(
         0.01, ge=0, le=10, description="THAI_QUANTIZATION=auto keeps w8a8 only if it moves the "
         "next-token distribution of a bundled Thai text by at most this many nats per token "
         "(mean KL against the unquantized weights, measured at start-up; 0 never quantizes)."
+    )
+    quant_cache_dir: str = Field(
+        "./models/.quant-cache", max_length=4096,
+        description="Folder where CPU-quantized weights (THAI_QUANTIZATION auto, int8, w8a8, int4) are "
+        "kept, keyed by the content of the checkpoint and adapter, the setting, torch's version "
+        "and the CPU: a later start with the same ones reads them instead of quantizing again. "
+        "Empty: off.",
     )
     require_model: bool = Field(
         False,

@@ -1,11 +1,13 @@
 """The GPU benchmark as one program: model, cold start, HTTP levels, in-process baselines
 and a profile of one decode step, each result written the moment it exists.
 
-``bench/gpu_h100.sh`` runs this on the lent GPU machine after installing the wheels; the
-device tool gives one call at most 10 minutes and brings back only what lies in ``$OUT``,
-so every phase saves ``gpu_results.json`` and ``gpu_results.md`` again when it ends, and a
-phase that would start past ``--deadline-s`` is skipped (and says so) instead of losing
-the whole run to the call's time limit.
+``bash bench/gpu_offline.sh run`` runs this on a GPU host after installing the wheels
+(see that script for an offline host). Every phase saves ``gpu_results.json`` and
+``gpu_results.md`` again when it ends, and a phase that would start past ``--deadline-s``
+is skipped (and says so), so a run cut short by a time limit still leaves its numbers.
+The last line printed says whether the expectation was met: at least
+:data:`EXPECTED_C32_RPS` requests/s at concurrency 32 with 150-token replies on one
+H100-class GPU in bf16.
 
     python -m bench.gpu_bench --out DIR                        # GPU defaults (cuda, bf16)
     python -m bench.gpu_bench --out DIR --device cpu --dtype float32 --shape small \\
@@ -54,14 +56,17 @@ from bench.workload import requests_for
 
 PROFILE_TXT = "decode_profile.txt"
 TRACE = "decode_trace.json.gz"
-TRACE_MAX_BYTES = 15 * 2**20  # the device tool brings back files of at most 16 MiB
+TRACE_MAX_BYTES = 15 * 2**20  # a trace small enough to attach to a report
+EXPECTED_C32_RPS = 20.0
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft",
+            "huggingface-hub", "numpy", "fastapi", "uvicorn", "pydantic", "httpx", "matplotlib")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench/out/gpu",
-                   help="results (the device tool's $OUT)")
+                   help="where the results are written")
     p.add_argument("--work", default="/tmp/gpu-bench", help="model and server logs")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
@@ -85,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-warmup", type=int, default=10, help="decode steps before timing")
     p.add_argument("--profile-steps", type=int, default=40, help="decode steps timed")
     p.add_argument("--trace-steps", type=int, default=3, help="decode steps under torch.profiler")
-    p.add_argument("--deadline-s", type=float, default=480,
+    p.add_argument("--deadline-s", type=float, default=3600,
                    help="no phase starts later than this many seconds after start")
     args = p.parse_args(argv)
     if args.dtype == "auto":
@@ -151,7 +156,6 @@ class Run:
 def machine(args: argparse.Namespace) -> dict:
     import torch
 
-    from bench.gpu_wheels import MACHINE, OPTIONAL, RUNTIME
 
     info: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "python": platform.python_version(), "executable": sys.executable,
@@ -159,7 +163,7 @@ def machine(args: argparse.Namespace) -> dict:
                   "device": args.device, "dtype": args.dtype,
                   "args": {k: v for k, v in vars(args).items()}}
     versions = {}
-    for name in [*MACHINE, *RUNTIME, *OPTIONAL, "peft"]:
+    for name in PACKAGES:
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -177,10 +181,6 @@ def machine(args: argparse.Namespace) -> dict:
                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
-    site = os.environ.get("GPU_BENCH_SITE")
-    if site and (Path(site) / "GPU_WHEELS_PLAN.json").exists():
-        plan = json.loads((Path(site) / "GPU_WHEELS_PLAN.json").read_text())
-        info["wheels_installed"] = plan.get("install")
     return info
 
 
@@ -524,6 +524,21 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict(results: dict) -> str:
+    """One line: the expectation, what was measured, and whether it was met."""
+    goal = (f"expectation: >= {EXPECTED_C32_RPS:g} requests/s at concurrency 32, "
+            f"{results.get('output_tokens')}-token replies, on one H100-class GPU")
+    meta = results.get("meta") or {}
+    row = next((r for r in results.get("http", []) if r.get("concurrency") == 32), None)
+    if row is None:
+        return f"{goal}: NOT MEASURED (no c=32 level in this run)"
+    measured = f"measured {row['requests_per_s']} requests/s on {meta.get('gpu') or meta.get('device')}"
+    if not meta.get("gpu"):
+        return f"{goal}: not applicable, {measured} (no GPU)"
+    met = row["requests_per_s"] >= EXPECTED_C32_RPS and not row.get("errors")
+    return f"{goal}: {'MET' if met else 'NOT MET'}, {measured}, {row.get('errors', 0)} errors"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM (the call's time limit) unwinds through the ServerPool, which stops the server.
@@ -550,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     text = run.save()
     print(json.dumps(run.results, indent=2, ensure_ascii=False)[:20000])
     print(text, flush=True)
+    print(verdict(run.results), flush=True)
     failed = [k for k, v in run.results["phases"].items() if not v["status"].startswith("ok")]
     return 1 if failed or not run.results["http"] else 0
 

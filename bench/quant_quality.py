@@ -7,7 +7,7 @@ KL(reference || quantized) of the next-token distributions, and how often the to
 token agrees::
 
     python -m bench.quant_quality --model /tmp/qwen15 [--lora DIR] [--dtype bfloat16] \
-        [--quantization int8,w8a8]
+        [--quantization int8,w8a8,w8a8:head-unquantized]
 
 On random weights (``bench.random_model``) the numbers say how much the
 arithmetic moves, not how a trained model's quality changes; run it on the
@@ -44,7 +44,11 @@ def kl_table(model: str, lora: str, dtype: str, window: int = 256, max_tokens: i
     del reference
     table = {}
     for quantization in quantizations:
-        quantized = load_model_bundle(ModelSettings(**common, quantization=quantization))
+        setting, _, variant = quantization.partition(":")
+        quantized = load_model_bundle(ModelSettings(**common, quantization=setting,
+                                                    quant_cache_dir=""))
+        if variant == "head-unquantized":
+            unquantize_tied_head(quantized.model)
         q = next_token_logprobs(quantized.model, ids, window)
         del quantized
         kl = kl_divergence(ref, q)
@@ -57,6 +61,17 @@ def kl_table(model: str, lora: str, dtype: str, window: int = 256, max_tokens: i
     return table
 
 
+def unquantize_tied_head(model) -> None:
+    """Put back a full-precision output projection (the tied embedding matrix), to measure
+    what quantizing ``lm_head`` alone costs (setting ``w8a8:head-unquantized``)."""
+    from torch import nn
+
+    embedding = model.get_input_embeddings()
+    head = nn.Linear(embedding.weight.shape[1], embedding.weight.shape[0], bias=False)
+    head.weight = embedding.weight
+    model.lm_head = head
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
@@ -64,7 +79,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--quantization", default="int8,w8a8",
-                        help="comma-separated THAI_QUANTIZATION settings to compare with none")
+                        help="comma-separated THAI_QUANTIZATION settings to compare with none; "
+                        "SETTING:head-unquantized keeps the tied output projection unquantized")
     parser.add_argument("--reference-dtype", help="the unquantized reference's dtype (default "
                         "--dtype); with float32, add 'none' to --quantization for bf16's own cost")
     args = parser.parse_args()

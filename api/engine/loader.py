@@ -214,16 +214,23 @@ def apply_quantization(model, settings: ModelSettings, device: str, dtype, token
         layers = quantize.quantize_int8(model, dtype)
         return "int8", f"int8: {layers} linear layers with int8 weights, set by THAI_QUANTIZATION"
     if requested == "w8a8":
-        layers = len(quantize.quantize_w8a8(model, cpu_flags()))
+        layers = len(quantize.quantize_w8a8(model, cpu_flags(), keep_originals=False))
         return "w8a8", (f"w8a8: {layers} linear layers with int8 weights and per-token int8 "
                         "activations, set by THAI_QUANTIZATION")
+    if requested == "int4":
+        layers = quantize.quantize_int4(model)
+        return "int4", (f"int4: {layers} linear layers with 4-bit weights in groups of "
+                        f"{quantize.INT4_GROUP}, set by THAI_QUANTIZATION")
     # auto
     if device != "cpu":
         return "none", "none: THAI_QUANTIZATION=auto quantizes on the CPU only"
     if source.adapter and not settings.merge_lora and not multi_lora(settings):
         return "none", "none: THAI_QUANTIZATION=auto needs the adapter merged (THAI_MERGE_LORA=true)"
     return quantize.choose_cpu_quantization(model, quantize.probe_ids(tokenizer),
-                                            settings.quantization_max_kl, cpu_flags())
+                                            settings.quantization_max_kl, cpu_flags(),
+                                            # per-row adapters wrap the layers: keep the originals
+                                            reload=None if multi_lora(settings)
+                                            else lambda: _load_merged(source, dtype))
 
 
 def load_model_bundle(settings: ModelSettings) -> ModelBundle:
@@ -232,7 +239,7 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
 
     device = resolve_device(settings.device)
     bitsandbytes = settings.quantization in ("8bit", "4bit")
-    cpu_int8 = settings.quantization in ("int8", "w8a8")
+    cpu_int8 = settings.quantization in ("int8", "w8a8", "int4")
     if bitsandbytes and device != "cuda":
         raise ModelLoadError(f"THAI_QUANTIZATION={settings.quantization} needs a CUDA GPU "
                              "(bitsandbytes); on a CPU use THAI_QUANTIZATION=int8, w8a8 or none")
@@ -248,6 +255,11 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
 
         if (problem := w8a8_supported()) is not None:
             raise ModelLoadError(problem)
+    if settings.quantization == "int4":
+        from api.engine.quantize import int4_supported
+
+        if (problem := int4_supported()) is not None:
+            raise ModelLoadError(problem)
     dtype, dtype_reason = resolve_dtype(settings.dtype, device)
     log.info("weights dtype %s", dtype_reason)
     source = locate_model(settings)
@@ -255,6 +267,14 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     tok_dir = source.adapter if source.adapter and all(
         (Path(source.adapter) / f).exists() for f in TOKENIZER_FILES[:1]) else source.base_model
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    # Several adapters wrap the base's layers per request row: the cache holds plain layers.
+    quant_cache = None if multi else _quant_cache(settings, source, device, dtype)
+    hit = quant_cache.load(source.base_model, dtype, cpu_flags()) if quant_cache else None
+    if hit is not None and hit[0] is not None:
+        model, quantization, quantization_reason = hit
+        log.info("quantization %s", quantization_reason)
+        return _bundle(model, tokenizer, device, dtype, dtype_reason, source, quantization,
+                       quantization_reason)
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if bitsandbytes:
@@ -289,9 +309,15 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
         if settings.merge_lora and not bitsandbytes:
             model = model.merge_and_unload()
     model.eval()
-    quantization, quantization_reason = apply_quantization(model, settings, device, dtype,
-                                                           tokenizer, source)
+    quantization, quantization_reason = hit[1:] if hit is not None else apply_quantization(
+        model, settings, device, dtype, tokenizer, source)
     log.info("quantization %s", quantization_reason)
+    if quantization in ("int8", "w8a8", "int4"):
+        from api.engine.quantize import own_tensors
+
+        own_tensors(model)
+    if quant_cache is not None and hit is None:
+        quant_cache.store(model, quantization, quantization_reason)
     lora_slots = load_start_adapters(lora, settings, source) if lora is not None else None
 
     eos: set[int] = set()
@@ -344,3 +370,43 @@ def load_start_adapters(lora, settings: ModelSettings, source: ModelSource) -> d
         log.info("LoRA adapter %s: rank %d on %d layers, served per request row", name,
                  spec.rank, len(spec.weights))
     return slots
+
+
+def _quant_cache(settings: ModelSettings, source: ModelSource, device: str, dtype):
+    """The quantized-weight cache entry for this start (THAI_QUANT_CACHE_DIR), or None."""
+    from api.engine.quant_cache import QuantCache
+
+    return QuantCache.for_settings(settings, source, device, dtype, cpu_flags())
+
+
+def _bundle(model, tokenizer, device: str, dtype, dtype_reason: str, source: ModelSource,
+            quantization: str, quantization_reason: str) -> ModelBundle:
+    """A bundle around a model built from the quantized-weight cache: the same end state as
+    :func:`load_model_bundle`'s own path (CPU decode attention, end-of-sequence ids)."""
+    from api.engine.attention import use_cpu_decode_attention
+
+    use_cpu_decode_attention(model)
+    eos: set[int] = set()
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos or ())
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return ModelBundle(
+        model=model, tokenizer=tokenizer, device=device, dtype=str(dtype).replace("torch.", ""),
+        dtype_reason=dtype_reason, quantization=quantization,
+        quantization_reason=quantization_reason, source=source,
+        eos_token_ids=tuple(sorted(eos)),
+        max_context=int(getattr(model.config, "max_position_embeddings", 0) or 4096))
+
+
+def _load_merged(source: ModelSource, dtype):
+    """The unquantized model on the CPU, adapter merged, loaded again: what
+    ``THAI_QUANTIZATION=auto`` falls back to after freeing the layers it converted."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.base_model, dtype=dtype)
+    if source.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
+    return model.eval()
