@@ -155,7 +155,7 @@ def test_every_log_line_is_short_and_clean(server):
 
 # --------------------------------------------------------- 3. trusted proxies
 def access_line(server: ServerProcess, probe: str) -> str:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         line = next((entry for entry in server.log().splitlines() if probe in entry and "uvicorn.access" in entry), "")
         if line:
@@ -290,7 +290,7 @@ def broken(demo_checkpoint, tmp_path_factory):
     env = {"THAI_BASE_MODEL": str(folder), "THAI_LORA_PATH": str(demo_checkpoint[1]),
            "THAI_REQUIRE_MODEL": "false", "THAI_ENABLE_UI": "true"}
     process = start_server(env, tmp_path_factory.mktemp("attack-broken"), wait_ready=False)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and httpx.get(process.url + "/health").json()["status"] == "loading":
         time.sleep(0.2)
     yield process, folder

@@ -485,8 +485,8 @@ def test_max_connections_gives_503_and_idle_connections_expire(model_env):
         # (the 503 itself says the idle ones still held their slots: expired, they would not)
         for c in idle:  # the server closes them at the header timeout, without an answer
             assert c.wait_closed(timeout=3 + 30) == b""
-        deadline = time.monotonic() + 10
-        while True:  # the slots are free again (bounded: 10 s)
+        deadline = time.monotonic() + 60
+        while True:  # the slots are free again (bounded: 60 s)
             response = httpx.get(srv.url + "/health", timeout=5)
             if response.status_code == 200 or time.monotonic() > deadline:
                 break
@@ -548,7 +548,7 @@ def inproc():
                                        http=guarded_protocol(settings), log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while not uv.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert uv.started, "in-process server did not start"

@@ -15,7 +15,7 @@ def test_health_reports_loading_then_ready(model_env, tmp_path):
     server = start_server(model_env, tmp_path, wait_ready=False)
     try:
         seen = []
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             r = httpx.get(server.url + "/health")
             seen.append((r.status_code, r.json()["status"], r.json()["model_loaded"]))
