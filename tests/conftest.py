@@ -58,10 +58,11 @@ def browser():
 # ------------------------------------------------------------------ parallel runs (xdist)
 # pytest.ini asks for `-n auto --dist loadgroup`: a run of several test files goes to
 # THAI_TEST_WORKERS worker processes (default 3 on this 2-core machine: much of the suite
-# waits on servers and subprocesses); a run of one file stays in this process. Each module
-# is one group, so its module-scoped servers start once, on one worker; the modules below
-# start first (longest first, so the run does not end waiting on one of them), and
-# SERIAL_GROUPS keeps modules that must not run beside each other on one worker, in turn.
+# waits on servers and subprocesses); a run of one file stays in this process. The tests of
+# a module that share its module-scoped servers (or a session one) are one group, so those
+# start once, on one worker; a test with servers of its own is a unit any free worker takes.
+# The modules below start first (longest first, so the run does not end waiting on one of
+# them), and SERIAL_GROUPS keeps modules that must not run beside each other on one worker.
 SLOW_FIRST = [
     "test_summarize_long.py", "test_upstream.py", "test_ui_browser_documents.py",
     "test_attack_ui.py", "test_documents.py", "test_http_limits.py", "test_attack_api.py",
@@ -80,11 +81,42 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return int(os.environ.get("THAI_TEST_WORKERS", "3")) if several else 0
 
 
+# Shared, but cheap to have on every worker (the checkpoint is built once, under a lock).
+CHEAP_SHARED_FIXTURES = {"demo_checkpoint", "model_env"}
+
+
+def _shares_a_fixture(item) -> bool:
+    """Whether the test uses one of our module- or session-scoped fixtures (a server, a
+    browser): then it runs on the worker that has its module's."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return True
+    for name, defs in info.name2fixturedefs.items():
+        if name in CHEAP_SHARED_FIXTURES or not defs:
+            continue
+        fixture = defs[-1]
+        if fixture.scope != "function" and fixture.baseid.startswith("tests"):
+            return True
+    return False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept inside
     for item in items:
-        if not any(True for _ in item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(item.path.name,
-                                                                      item.path.name)))
+        if any(True for _ in item.iter_markers("xdist_group")):
+            continue
+        group = SERIAL_GROUPS.get(item.path.name)
+        if group is None and _shares_a_fixture(item):
+            group = item.path.name
+        if group is not None:  # the others are units of their own, run wherever a worker is free
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """A generated file's bytes (zips and PDFs carry their creation time) get a fixed id:
+    every worker must collect the same test names."""
+    if isinstance(val, (bytes, bytearray)) and len(val) > 64:
+        return f"{argname}-bytes"
+    return None
