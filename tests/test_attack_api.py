@@ -253,12 +253,13 @@ def test_redirects_never_carry_the_host_header(server):
 
 # -------------------------------------------------------- 6. server paths shown
 def ui_banner(url: str, headers: dict | None = None) -> str:
-    config = httpx.get(url + "/ui/config", headers=headers).json()
+    config = httpx.get(url + "/ui/config", headers=headers, timeout=120).json()
     status = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "model-status")
     fn = next(i for i, d in enumerate(config["dependencies"])
               if status in d.get("outputs", []) and any(t[1] == "load" for t in d.get("targets", [])))
     r = httpx.post(url + "/ui/gradio_api/run/predict", headers=headers,
-                   json={"fn_index": fn, "data": [], "session_hash": uuid.uuid4().hex[:10]})
+                   json={"fn_index": fn, "data": [], "session_hash": uuid.uuid4().hex[:10]},
+                   timeout=120)  # a hang guard: the banner's first render is slow on a busy machine
     assert r.status_code == 200, r.text[:300]
     return r.json()["data"][0]
 

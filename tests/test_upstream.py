@@ -172,7 +172,7 @@ def _stream(url: str, i: int, max_tokens: int, results: list, started: threading
     saw_text = finished = False
     error = None
     try:
-        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json={
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=180, json={
                 "messages": [{"role": "user", "content": f"เล่าเรื่อง {i}"}], "stream": True,
                 "max_tokens": max_tokens, "ignore_eos": True}) as response:
             if response.status_code != 200:
