@@ -12,7 +12,7 @@ RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev run test docs demo-checkpoint deploy host-api test-api bench batch clean
+.PHONY: install install-dev run test test-full docs demo-checkpoint deploy host-api test-api bench batch clean
 
 # Serving needs requirements.txt only; the test and benchmark stack is for `make test`.
 install: $(RUN_STAMP)
@@ -40,8 +40,13 @@ $(TEST_STAMP): requirements-dev.txt requirements-dev-nodeps.txt $(RUN_STAMP)
 run: install
 	$(PY) app.py
 
+# In parallel worker processes (pytest.ini); THAI_TEST_WORKERS=N sets how many, PYTEST_ARGS=-n0 none.
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The sweeps that take minutes (marker `slow`, e.g. the soak), which `make test` leaves out; CI runs both.
+test-full: install-dev
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # docs/configuration.md from the settings' own descriptions (a test checks it is current)
 docs: install

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,23 @@ from tests.support import ServerProcess, start_server
 
 
 @pytest.fixture(scope="session")
-def demo_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
-    """The generated Qwen2-architecture checkpoint (base + LoRA) used by real-model tests."""
+def demo_checkpoint(tmp_path_factory, worker_id) -> tuple[Path, Path]:
+    """The generated Qwen2-architecture checkpoint (base + LoRA) used by real-model tests.
+
+    Built once per run: pytest-xdist's workers share the run's base folder, and the first
+    worker to take the lock builds it there (tests only read it)."""
+    from filelock import FileLock
+
     from api.engine.demo_checkpoint import build_demo_checkpoint
 
-    return build_demo_checkpoint(tmp_path_factory.mktemp("demo"))
+    if worker_id == "master":
+        return build_demo_checkpoint(tmp_path_factory.mktemp("demo"))
+    shared = tmp_path_factory.getbasetemp().parent / "demo"
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "complete").exists():
+            build_demo_checkpoint(shared)
+            (shared / "complete").touch()
+    return shared / "base", shared / "lora"
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +53,70 @@ def browser():
 
     with chromium_browser() as launched:
         yield launched
+
+
+# ------------------------------------------------------------------ parallel runs (xdist)
+# pytest.ini asks for `-n auto --dist loadgroup`: a run of several test files goes to
+# THAI_TEST_WORKERS worker processes (default 3 on this 2-core machine: much of the suite
+# waits on servers and subprocesses); a run of one file stays in this process. The tests of
+# a module that share its module-scoped servers (or a session one) are one group, so those
+# start once, on one worker; a test with servers of its own is a unit any free worker takes.
+# The modules below start first (longest first, so the run does not end waiting on one of
+# them), and SERIAL_GROUPS keeps modules that must not run beside each other on one worker.
+SLOW_FIRST = [
+    "test_summarize_long.py", "test_upstream.py", "test_ui_browser_documents.py",
+    "test_attack_ui.py", "test_documents.py", "test_http_limits.py", "test_attack_api.py",
+    "test_openai_clients.py", "test_parse_sandbox.py", "test_batch.py", "test_schemathesis.py",
+    "test_deploy_nginx_e2e.py", "test_ui_documents.py", "test_upstream_hostile.py",
+    "test_client_limits.py", "test_deploy_tools.py", "test_cpu_fast_paths.py",
+]
+# module -> group name: these modules run on one worker, one after the other
+SERIAL_GROUPS: dict[str, str] = {}
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    args = [arg.split("::")[0] for arg in config.args]
+    paths = {Path(arg) for arg in args}
+    several = len(paths) > 1 or any(path.is_dir() for path in paths)
+    return int(os.environ.get("THAI_TEST_WORKERS", "3")) if several else 0
+
+
+# Shared, but cheap to have on every worker (the checkpoint is built once, under a lock).
+CHEAP_SHARED_FIXTURES = {"demo_checkpoint", "model_env"}
+
+
+def _shares_a_fixture(item) -> bool:
+    """Whether the test uses one of our module- or session-scoped fixtures (a server, a
+    browser): then it runs on the worker that has its module's."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return True
+    for name, defs in info.name2fixturedefs.items():
+        if name in CHEAP_SHARED_FIXTURES or not defs:
+            continue
+        fixture = defs[-1]
+        if fixture.scope != "function" and fixture.baseid.startswith("tests"):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept inside
+    for item in items:
+        if any(True for _ in item.iter_markers("xdist_group")):
+            continue
+        group = SERIAL_GROUPS.get(item.path.name)
+        if group is None and _shares_a_fixture(item):
+            group = item.path.name
+        if group is not None:  # the others are units of their own, run wherever a worker is free
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """A generated file's bytes (zips and PDFs carry their creation time) get a fixed id:
+    every worker must collect the same test names."""
+    if isinstance(val, (bytes, bytearray)) and len(val) > 64:
+        return f"{argname}-bytes"
+    return None

@@ -7,6 +7,7 @@ port and stopped by their PID.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,6 +36,90 @@ WATCH_JS = """([name, expr]) => {
   }, 10);
 }"""
 
+# Records what the page's Gradio client reads from its event streams (/queue/data), as it
+# reads it: context.add_init_script(GRADIO_TAP_JS) before the page loads, then
+# gradio_events(page). How many updates a stream carried is the server's doing (one per
+# yield), unlike how many of them a busy browser happened to paint.
+GRADIO_TAP_JS = r"""(() => {
+  window.__gradio_sse = [];
+  const original = window.fetch;
+  window.fetch = async function (...args) {
+    const response = await original.apply(this, args);
+    const url = args[0] instanceof Request ? args[0].url : String(args[0]);
+    if (!url.includes('/queue/data') || !response.body) return response;
+    const [mine, theirs] = response.body.tee();
+    (async () => {
+      const reader = mine.getReader();
+      const decoder = new TextDecoder();
+      for (;;) {
+        const {done, value} = await reader.read();
+        if (done) break;
+        window.__gradio_sse.push(decoder.decode(value, {stream: true}));
+      }
+    })();
+    return new Response(theirs, {status: response.status, statusText: response.statusText,
+                                 headers: response.headers});
+  };
+})();"""
+
+
+def gradio_events(page) -> dict[str, list[dict]]:
+    """The Gradio messages the page received so far (GRADIO_TAP_JS), by event, in order."""
+    import json
+
+    raw = "".join(page.evaluate("window.__gradio_sse || []"))
+    events: dict[str, list[dict]] = {}
+    for line in raw.splitlines():
+        if line.startswith("data: "):
+            message = json.loads(line[6:])
+            if message.get("event_id"):
+                events.setdefault(message["event_id"], []).append(message)
+    return events
+
+
+def completed_output(messages: list[dict]) -> list | None:
+    """An event's final output values (its process_completed message), if it completed."""
+    done = [m for m in messages if m.get("msg") == "process_completed"]
+    return done[-1]["output"].get("data") if done and done[-1].get("success") else None
+
+
+def completed_event(page, predicate, timeout_s: float = 120) -> list[dict]:
+    """The messages of the first completed event whose final output satisfies ``predicate``,
+    waiting for it (bounded) while the page runs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for messages in gradio_events(page).values():
+            output = completed_output(messages)
+            if output is not None and predicate(output):
+                return messages
+        if time.monotonic() > deadline:
+            raise AssertionError("no such Gradio event completed")
+        page.wait_for_timeout(200)
+
+
+def streamed_updates(messages: list[dict]) -> list[list]:
+    """Every output's value after each update of one streaming event, in order: the first
+    update carries the values, later ones Gradio's diffs (applied as its client does)."""
+    from gradio_client.utils import apply_diff
+
+    updates: list[list] = []
+    for message in messages:
+        if message.get("msg") not in ("process_generating", "process_streaming"):
+            continue
+        data = message["output"]["data"]
+        updates.append(list(data) if not updates else
+                       [apply_diff(value, diff) for value, diff in zip(updates[-1], data)])
+    return updates
+
+
+def streamed_values(messages: list[dict], index: int) -> list:
+    """The distinct successive values output ``index`` of one event took while it streamed."""
+    values: list = []
+    for update in streamed_updates(messages):
+        if not values or values[-1] != update[index]:
+            values.append(update[index])
+    return values
+
 
 @contextmanager
 def chromium_browser():
@@ -50,7 +135,29 @@ def chromium_browser():
             browser.close()
 
 
+# Ports for test servers come from below the kernel's ephemeral range (32768-60999 by
+# default), where the suite's own client sockets never land; each pytest-xdist worker (gw0,
+# gw1, ...) draws at random from its own slice, so two workers never pick the same port (a
+# server starting holds no port until it binds); start_server retries a port lost anyway.
+PORT_BASE, PORT_SLICE = 20000, 1500
+
+
+def _port_slice() -> tuple[int, int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    start = PORT_BASE + (index % 8) * PORT_SLICE
+    return start, start + PORT_SLICE
+
+
 def free_port() -> int:
+    for _ in range(50):
+        port = random.randrange(*_port_slice())
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -91,9 +198,30 @@ class ServerProcess:
 
 
 def start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool = True,
-                 timeout: float = 120, args: list[str] | None = None,
+                 timeout: float = 300, args: list[str] | None = None,
                  port: int | None = None) -> ServerProcess:
-    port = port or free_port()
+    """A real server on ``port`` (a free one by default: retried on another if something
+    else bound it between the choice and the server's bind). ``timeout`` is a hang guard:
+    on a busy 2-core machine a start (imports, model load) can take minutes."""
+    if port is not None:
+        return _start_server(env, log_dir, wait_ready=wait_ready, timeout=timeout, args=args,
+                             port=port)
+    for attempt in range(3):
+        try:
+            return _start_server(env, log_dir, wait_ready=wait_ready, timeout=timeout,
+                                 args=args, port=free_port())
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its port (another process took it first)."""
+
+
+def _start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool, timeout: float,
+                  args: list[str] | None, port: int) -> ServerProcess:
     full_env = {**os.environ, "THAI_HOST": "127.0.0.1", "THAI_PORT": str(port),
                 "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **env}
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +233,10 @@ def start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool = True,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+            log = server.log()
+            if "address already in use" in log.lower():
+                raise PortTaken(f"port {port} taken:\n{log}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log}")
         try:
             response = httpx.get(server.url + "/health", timeout=2)
             if not wait_ready or response.status_code == 200:

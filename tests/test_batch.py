@@ -423,7 +423,7 @@ def test_cli_interrupt_then_resume_does_every_row_once(tmp_path, batch_env):
     proc = subprocess.Popen([sys.executable, "-m", "api.batch", str(path), str(out)], cwd=REPO,
                             env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 480
         while time.monotonic() < deadline and proc.poll() is None:
             if out.exists() and out.read_text().count("\n") >= 3:
                 break
@@ -464,7 +464,7 @@ def test_cli_xlsx_in_and_out_with_sigterm_and_resume(tmp_path, batch_env):
     proc = subprocess.Popen(list(map(str, args)), cwd=REPO, env=slow, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 480
         while time.monotonic() < deadline and proc.poll() is None:
             if sidecar.exists() and sidecar.read_text().count("\n") >= 3:  # header + 2 rows
                 break

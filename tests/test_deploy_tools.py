@@ -241,7 +241,7 @@ def test_host_api_checks_then_becomes_the_server(model_env, tmp_path):
                                 stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if httpx.get(server.url + "/health", timeout=2).status_code == 200:

@@ -6,7 +6,8 @@ running header and page numbers). The PDF text is measured against its source be
 after cleanup; the cleanup is also tested on synthetic damage that Chromium does not make
 (private-use glyphs, split SARA AM, detached marks, broken lines, repeated headers).
 Hostile files (zip bombs, lying page counts, deep HTML, NUL bytes, random corruption)
-must give a DocumentError quickly, never a crash or a hang.
+must give a DocumentError quickly, never a crash or a hang: "quickly" is this process's CPU
+seconds (time.process_time), which another program's load on the machine does not inflate.
 """
 
 from __future__ import annotations
@@ -237,9 +238,9 @@ def test_html_in_thai_legacy_encoding_and_htm_extension():
 def test_deeply_nested_html_is_linear():
     depth = 100_000
     page = "<div>" * depth + "<p>ลึกมาก</p>" + "</div>" * depth + "<p>หลังจากนั้น</p>"
-    started = time.monotonic()
+    started = time.process_time()
     doc = extract(page.encode(), "deep.html")
-    assert time.monotonic() - started < 10
+    assert time.process_time() - started < 10
     assert doc.text == "ลึกมาก\n\nหลังจากนั้น"
 
 
@@ -252,12 +253,12 @@ def test_deeply_nested_html_is_linear():
     "<script>" + "<p>x" * 300_000,
 ])
 def test_malformed_html_is_fast_and_clean(page):
-    started = time.monotonic()
+    started = time.process_time()
     try:
         extract(page.encode(), "bad.html")
     except E.DocumentError:
         pass
-    assert time.monotonic() - started < 10
+    assert time.process_time() - started < 10
 
 
 # ====================================================================== DOCX
@@ -323,10 +324,10 @@ def test_docx_pages_from_app_xml_and_the_page_limit():
 def test_docx_zip_bomb_is_refused_before_decompression():
     bomb = _rezip(make_docx(["x"]), {}, add={"word/media/bomb.bin": b"\0" * (80 * MB)})
     assert len(bomb) < 1 * MB
-    started = time.monotonic()
+    started = time.process_time()
     with pytest.raises(E.DocumentTooComplexError) as caught:
         extract(bomb, "bomb.docx")
-    assert time.monotonic() - started < 5
+    assert time.process_time() - started < 5
     assert "zip bomb" in caught.value.message
 
 
@@ -341,9 +342,9 @@ def test_docx_huge_grid_span_is_not_expanded():
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         xml = archive.read("word/document.xml").decode()
     xml = xml.replace("<w:tcPr>", '<w:tcPr><w:gridSpan w:val="2000000000"/>', 1)
-    started = time.monotonic()
+    started = time.process_time()
     doc = extract(_rezip(data, {"word/document.xml": xml.encode()}), "span.docx")
-    assert time.monotonic() - started < 5 and "เซลล์" in doc.text
+    assert time.process_time() - started < 5 and "เซลล์" in doc.text
 
 
 @pytest.mark.parametrize("document_xml", [
@@ -518,10 +519,10 @@ def test_pdf_claiming_a_billion_pages_is_refused_at_once():
     data = _pdf_with_objects([b"<< /Type /Catalog /Pages 2 0 R >>",
                               b"<< /Type /Pages /Kids [3 0 R] /Count 1000000000 >>",
                               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"])
-    started = time.monotonic()
+    started = time.process_time()
     with pytest.raises(E.TooManyPagesError) as caught:
         extract(data, "huge.pdf")
-    assert time.monotonic() - started < 2 and "1000000000 pages" in caught.value.message
+    assert time.process_time() - started < 2 and "1000000000 pages" in caught.value.message
 
 
 def test_pdf_with_more_pages_than_it_declares():
@@ -529,10 +530,10 @@ def test_pdf_with_more_pages_than_it_declares():
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
                b"<< /Type /Pages /Count 1 /Kids [" + b" ".join(b"%d 0 R" % (i + 3) for i in range(kids)) + b"] >>"]
     objects += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"] * kids
-    started = time.monotonic()
+    started = time.process_time()
     with pytest.raises(E.TooManyPagesError):
         extract(_pdf_with_objects(objects), "lying.pdf")
-    assert time.monotonic() - started < 20
+    assert time.process_time() - started < 20
 
 
 def test_pdf_flate_bomb_in_a_content_stream():
@@ -544,10 +545,10 @@ def test_pdf_flate_bomb_in_a_content_stream():
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
         b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(bomb) + bomb + b"\nendstream"])
-    started = time.monotonic()
+    started = time.process_time()
     with pytest.raises(E.DocumentError):
         extract(data, "bomb.pdf")
-    assert time.monotonic() - started < 30
+    assert time.process_time() - started < 30
 
 
 @pytest.mark.parametrize("data", [
@@ -573,13 +574,13 @@ def test_corrupted_files_never_crash_or_hang(thai_pdf):
                 data = data[: rng.randrange(len(data) // 4, len(data))]  # truncated
             for _ in range(rng.randrange(1, 40)):
                 data[rng.randrange(len(data))] = rng.randrange(256)
-            started = time.monotonic()
+            started = time.process_time()
             try:
                 result = extract(bytes(data), name)
                 assert isinstance(result, ExtractedDocument)
             except E.DocumentError:
                 pass
-            assert time.monotonic() - started < 60, f"{name} trial {trial} too slow"
+            assert time.process_time() - started < 60, f"{name} trial {trial} too slow"
 
 
 # ====================================================================== Thai PDF cleanup (synthetic)
@@ -723,9 +724,9 @@ def test_thousands_of_unknown_glyphs_cost_bounded_time(monkeypatch):
                       for i, c in enumerate(text))  # a new glyph after every consonant
     nuls = "".join(c + ("\x00" if "ก" <= c <= "ฮ" else "") for c in text)
     for damaged in (hostile, nuls):
-        started = time.monotonic()
+        started = time.process_time()
         cleaned = clean_thai_pdf_text(damaged)
-        assert time.monotonic() - started < 20
+        assert time.process_time() - started < 20
         assert not re.search("[\x00\U00100000-\U0010fffd]", cleaned)
 
 
@@ -838,9 +839,10 @@ def test_split_a_word_longer_than_the_budget_between_grapheme_clusters():
 
 
 def _timed(text: str, budget: int, count) -> tuple[list[str], float]:
-    started = time.perf_counter()
+    """The pieces and the CPU seconds this process spent on them (not the wall clock)."""
+    started = time.process_time()
     pieces = split_text(text, budget, count)
-    return pieces, time.perf_counter() - started
+    return pieces, time.process_time() - started
 
 
 def _text_200k(one_line: bool) -> str:

@@ -30,7 +30,7 @@ def test_make_run_from_fresh_clone(tmp_path):
     proc = subprocess.Popen(["make", "run", f"VENV={venv}"], cwd=clone, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         health = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:

@@ -21,7 +21,7 @@ CUDA = ["TORCH_SPEC=torch==2.13.0", "TORCH_INDEX=--index-url https://download.py
 def project(tmp_path: Path) -> Path:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
+    for name in ("Makefile", "requirements.txt", "requirements-dev.txt", "requirements-dev-nodeps.txt"):
         shutil.copy(REPO / name, tmp_path / name)
     python = tmp_path / ".venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
@@ -44,7 +44,8 @@ def test_run_installs_only_the_serving_requirements(project):
     assert not any("requirements-dev.txt" in call for call in calls)
     assert make(project, "install") == []  # installed: nothing to do
     calls = make(project, "install-dev")
-    assert calls == ["-m pip install --quiet -r requirements-dev.txt"]
+    assert calls == ["-m pip install --quiet -r requirements-dev.txt",
+                     "-m pip install --quiet --no-deps -r requirements-dev-nodeps.txt"]
 
 
 def test_a_new_torch_spec_replaces_torch(project):

@@ -1,10 +1,10 @@
 """Back-pressure over real HTTP: past the running + waiting limits the server answers
-429 with Retry-After and an OpenAI error body at once, instead of queuing forever."""
+429 with Retry-After and an OpenAI error body at once, instead of queuing forever ("at
+once": while the request holding the only slot is still streaming, not after it)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 
@@ -40,20 +40,20 @@ def test_overload_answers_429_with_retry_after_instantly(model_env):
                 holder.result()  # re-raise why the long request did not stream
                 raise AssertionError("the long request ended before the overload was tested")
             assert started.is_set(), "the long request never started streaming"
-            timings, responses = [], []
+            responses = []
             for _ in range(3):
-                t0 = time.perf_counter()
                 responses.append(await client.post("/v1/chat/completions", json={
                     "messages": [{"role": "user", "content": "ขอบคุณ"}], **LONG}))
-                timings.append(time.perf_counter() - t0)
             streamed = await client.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "ขอบคุณ"}], "stream": True, **LONG})
+            # answered while the slot's holder still streams (2,000 tokens): not queued behind it
+            held = not holder.done()
             holder.cancel()
             waiter.cancel()
-            return responses + [streamed], timings, await _metrics(client)
+            return responses + [streamed], held, await _metrics(client)
 
     try:
-        responses, timings, metrics = asyncio.run(main())
+        responses, held, metrics = asyncio.run(main())
     finally:
         server.stop()
     for response in responses:
@@ -62,7 +62,7 @@ def test_overload_answers_429_with_retry_after_instantly(model_env):
         error = response.json()["error"]
         assert error["type"] and error["message"] and "capacity" in error["message"]
         assert set(error) >= {"message", "type", "param", "code"}
-    assert max(timings) < 1.0, timings
+    assert held, "the refusals should come while the only slot is still held"
     assert "thai:num_requests_running" in metrics
 
 

@@ -79,7 +79,7 @@ def repository_copy(target: Path) -> Path:
     return target
 
 
-@pytest.mark.full
+@pytest.mark.slow
 @pytest.mark.timeout(2400)  # the install alone took 10 minutes on a busy 2-core machine
 def test_a_clean_venv_from_the_requirements_starts_the_space(tmp_path, demo_checkpoint):
     space = repository_copy(tmp_path / "space")

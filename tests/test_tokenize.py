@@ -298,7 +298,7 @@ def test_live_keys_required(model_env, tmp_path):
 
     from tests.support import start_server
 
-    server = start_server({**model_env, "THAI_API_KEYS": KEY}, tmp_path)
+    server = start_server({**model_env, "THAI_API_KEYS": KEY, "THAI_ENABLE_UI": "false"}, tmp_path)
     try:
         for path, body in (("/tokenize", {"prompt": "ก"}), ("/detokenize", {"tokens": [0]})):
             assert httpx.post(server.url + path, json=body, timeout=30).status_code == 401

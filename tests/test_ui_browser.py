@@ -10,6 +10,7 @@ Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,19 +18,37 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support import ARTIFACTS, REPO, WATCH_JS, free_port, start_server
+from tests.support import (
+    ARTIFACTS,
+    GRADIO_TAP_JS,
+    REPO,
+    WATCH_JS,
+    completed_event,
+    completed_output,
+    free_port,
+    start_server,
+    streamed_values,
+)
 from thai_ui.text_stats import count_graphemes, count_words
-
 
 
 @pytest.fixture
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 1000}, locale="th-TH")
+    context.add_init_script(GRADIO_TAP_JS)
     page = context.new_page()
     page.requested_urls = []
     context.on("request", lambda request: page.requested_urls.append(request.url))
     yield page
     context.close()
+
+
+def assistant_text(message: dict) -> str:
+    """A chat message's text (Gradio's messages carry a string or a list of text parts)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
 def rendered_fonts(page, selector: str) -> dict[str, int]:
@@ -69,8 +88,14 @@ def test_summarize_and_chat_in_the_browser(live_server, page):
     seen = page.evaluate("window.__summary")
     summary = page.locator("#thai-summary textarea").input_value()
     assert summary and seen[-1] == summary
-    assert len(seen) >= 2, f"the summary should appear in parts, saw {len(seen)}"
     assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:]))
+    # the page's event stream brought the summary in parts, each extending the last (how
+    # many of them a busy browser painted in between is its own business)
+    event = completed_event(page, lambda output: output[0] == summary)
+    parts = [v for v in streamed_values(event, 0) if v]
+    assert len(parts) >= 2, f"the summary should stream in parts, got {len(parts)}"
+    assert all(later.startswith(earlier) for earlier, later in zip(parts, parts[1:]))
+    assert summary.startswith(parts[-1])
     usage = page.inner_text("#summary-usage")
     assert "tokens:" in usage and "วินาที / s" in usage
     page.screenshot(path=str(ARTIFACTS / "ui-summarize.png"), full_page=True)
@@ -93,10 +118,19 @@ def test_summarize_and_chat_in_the_browser(live_server, page):
     page.wait_for_function("document.querySelector('#chat-input textarea') && "
                            "!document.querySelector('#chat-input textarea').disabled && "
                            "window.__reply.length > 0", timeout=60_000)
-    time.sleep(0.5)
     replies = page.evaluate("window.__reply")
-    assert len(replies) >= 2, f"the reply should stream in parts, saw {len(replies)}"
     assert all(later.startswith(earlier) for earlier, later in zip(replies, replies[1:]))
+    chat = completed_event(page, lambda output: isinstance(output[-1], list) and any(
+        "ช่วยแนะนำอาหารไทย" in json.dumps(turn, ensure_ascii=False) for turn in output[-1]))
+    history = completed_output(chat)[-1]
+    assert history[-1]["role"] == "assistant"
+    reply = assistant_text(history[-1])
+    parts = [assistant_text(h[-1]) for h in streamed_values(chat, len(completed_output(chat)) - 1)
+             if h and h[-1]["role"] == "assistant"]
+    parts = [p for p in parts if p]
+    assert len(parts) >= 2, f"the reply should stream in parts, got {len(parts)}"
+    assert all(later.startswith(earlier) for earlier, later in zip(parts, parts[1:]))
+    assert reply.startswith(parts[-1])
     assert set(rendered_fonts(page, '#thai-chat [data-testid="user"] p')) == {"Sarabun"}
     page.screenshot(path=str(ARTIFACTS / "ui-chat.png"), full_page=True)
 
@@ -165,7 +199,7 @@ def test_iframe_embedding_follows_the_frame_ancestors_setting(model_env, parent_
         page.screenshot(path=str(ARTIFACTS / "ui-iframe-allowed.png"))
 
         page.goto(f"http://127.0.0.1:{refused.server_port}/")
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any("frame-ancestors" in m for m in console):
             page.wait_for_timeout(100)
         assert any("frame-ancestors" in m for m in console), console

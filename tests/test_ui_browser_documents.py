@@ -18,7 +18,16 @@ import io
 import pytest
 
 from tests.documents_support import docx_bytes
-from tests.support import ARTIFACTS, REPO, WATCH_JS, start_server
+from tests.support import (
+    ARTIFACTS,
+    GRADIO_TAP_JS,
+    REPO,
+    WATCH_JS,
+    completed_event,
+    start_server,
+    streamed_updates,
+    streamed_values,
+)
 from thai_ui.text_stats import count_graphemes
 
 SHOTS = ARTIFACTS / "screenshots"
@@ -40,6 +49,7 @@ def chunking_server(model_env, tmp_path_factory):
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 1000}, locale="th-TH",
                                   accept_downloads=True)
+    context.add_init_script(GRADIO_TAP_JS)
     page = context.new_page()
     yield page
     context.close()
@@ -97,7 +107,6 @@ def test_a_document_fills_the_text_box_and_a_long_text_shows_its_chunks(chunking
     progress = page.locator("#summary-usage").filter(has_text="ส่วนที่")
     progress.wait_for(timeout=60_000)
     page.screenshot(path=str(SHOTS / "ui-long-summary-progress.png"), full_page=True)
-    assert "เสร็จ / done" not in page.inner_text("#summary-usage"), "too fast to see"
     page.locator("#summary-usage").filter(has_text="เสร็จ / done").wait_for(timeout=180_000)
     usage = page.evaluate("window.__usage")
     assert any("chunk" in u and "ส่วนที่" in u and "round 1" in u for u in usage), usage
@@ -106,7 +115,17 @@ def test_a_document_fills_the_text_box_and_a_long_text_shows_its_chunks(chunking
     summary = page.locator("#thai-summary textarea").input_value()
     seen = page.evaluate("window.__summary")
     assert summary and seen[-1] == summary
-    assert len(seen) >= 2, "the final summary should stream in parts"
+    # what the page's event stream carried, in order: the progress lines (pieces of round 1)
+    # before any summary text, then the final summary in parts, each extending the last
+    event = completed_event(page, lambda output: output[0] == summary)
+    updates = streamed_updates(event)
+    first_text = next(i for i, (text, _) in enumerate(updates) if text)
+    progress = [line for _, line in updates[:first_text] if "ส่วนที่" in line]
+    assert progress and any("round 1" in line for line in progress), updates[:first_text]
+    parts = [t for t in streamed_values(event, 0) if t]
+    assert len(parts) >= 2, f"the final summary should stream in parts, got {len(parts)}"
+    assert all(later.startswith(earlier) for earlier, later in zip(parts, parts[1:]))
+    assert summary.startswith(parts[-1])
     page.screenshot(path=str(SHOTS / "ui-long-summary-done.png"), full_page=True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,12 @@ def load_model_bundle(settings: ModelSettings) -> ModelBundle:
     elif source.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, source.adapter)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated ``is_gradient_checkpointing`` alias while it
+            # wraps the model (peft_model.py); the FutureWarning is about their code, not ours
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            model = PeftModel.from_pretrained(model, source.adapter)
         if settings.merge_lora and not bitsandbytes:
             model = model.merge_and_unload()
     model.eval()
