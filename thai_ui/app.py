@@ -45,24 +45,27 @@ def build_blocks(handlers: UIHandlers, settings: ModelSettings, *,
     with gr.Blocks(title="Thai LLM · สรุปความและสนทนา", analytics_enabled=False) as blocks:
         gr.Markdown("# สรุปความและสนทนาภาษาไทย · Thai summarize & chat")
         status = gr.HTML(handlers.status()[0], elem_id="model-status")
+        picker = model_picker(handlers)
         poll = gr.Timer(STATUS_POLL_S)
 
-        def refresh_status():
+        def refresh_status(current=None):
             html, final = handlers.status()
-            return html, gr.Timer(active=not final)
+            # the served names are known once the model is loaded (and adapters may be
+            # loaded later): each page load and status poll refreshes the picker
+            return html, gr.Timer(active=not final), handlers.model_picker(current)
 
-        poll.tick(refresh_status, outputs=[status, poll], show_progress="hidden",
-                  api_visibility="private", queue=False)
-        blocks.load(refresh_status, outputs=[status, poll], show_progress="hidden",
-                    api_visibility="private", queue=False)
+        poll.tick(refresh_status, inputs=[picker], outputs=[status, poll, picker],
+                  show_progress="hidden", api_visibility="private", queue=False)
+        blocks.load(refresh_status, inputs=[picker], outputs=[status, poll, picker],
+                    show_progress="hidden", api_visibility="private", queue=False)
 
         with gr.Tabs():
             with gr.Tab("สรุปความ / Summarize", id="summarize"):
-                text, max_tokens, stats = _summarize_tab(handlers, settings)
+                text, max_tokens, stats = _summarize_tab(handlers, settings, picker)
             with gr.Tab("สรุปทั้งไฟล์ / Batch", id="batch"):
-                _batch_tab(handlers, settings)
+                _batch_tab(handlers, settings, picker)
             with gr.Tab("สนทนา / Chat", id="chat"):
-                _chat_tab(handlers, settings)
+                _chat_tab(handlers, settings, picker)
         blocks.load(handlers.stats_markdown, inputs=[text, max_tokens], outputs=[stats],
                     show_progress="hidden", api_visibility="private", **STATS_CONCURRENCY)
         # Leaving the page (Gradio's heartbeat ends) cancels the session's batch.
@@ -71,6 +74,17 @@ def build_blocks(handlers: UIHandlers, settings: ModelSettings, *,
     # events, and api_open=False keeps queued functions off the direct /run/ route.
     blocks.queue(default_concurrency_limit=None, max_size=queue_max_size, api_open=False)
     return blocks
+
+
+def model_picker(handlers: UIHandlers) -> gr.Dropdown:
+    """One picker for every tab, shown only when the server serves more than one model
+    (adapters, or the base). Its value goes with each request as the API's ``model``; the
+    handlers check it (allow_custom_value: Gradio's own refusal would be English only, and
+    the choices are known only once the model is loaded)."""
+    names = handlers.model_names()
+    return gr.Dropdown(names, value=names[0], label="โมเดล / model", interactive=True,
+                       allow_custom_value=True, visible=len(names) > 1,
+                       elem_id="model-picker")
 
 
 def _generation_controls(settings: ModelSettings, *, render: bool = True) -> tuple[gr.Slider, gr.Slider]:
@@ -82,8 +96,8 @@ def _generation_controls(settings: ModelSettings, *, render: bool = True) -> tup
     return max_tokens, temperature
 
 
-def _summarize_tab(handlers: UIHandlers,
-                   settings: ModelSettings) -> tuple[gr.Textbox, gr.Slider, gr.Markdown]:
+def _summarize_tab(handlers: UIHandlers, settings: ModelSettings,
+                   picker: gr.Dropdown) -> tuple[gr.Textbox, gr.Slider, gr.Markdown]:
     """Input, length and temperature, streamed summary; returns what the page load refreshes."""
     with gr.Row():
         with gr.Column(scale=3):
@@ -127,7 +141,7 @@ def _summarize_tab(handlers: UIHandlers,
                 **STATS_CONCURRENCY)
     # show_progress="hidden": an error is said once, in the toast (Thai and English), not
     # also as red badges over the outputs; the line under the summary shows the progress.
-    button.click(handlers.summarize, inputs=[text, max_tokens, temperature],
+    button.click(handlers.summarize, inputs=[text, max_tokens, temperature, picker],
                  outputs=[summary, usage], api_name="summarize", concurrency_limit=None,
                  show_progress="hidden")
     # A chosen file's text goes into the box (editable; the counters follow it).
@@ -137,7 +151,7 @@ def _summarize_tab(handlers: UIHandlers,
                    queue=False)
     # API only (gradio_client): a document's summary in one call. The button is never shown.
     file_button = gr.Button("summarize_file", visible=False, elem_id="summarize-file-api")
-    file_button.click(handlers.summarize_file, inputs=[document, max_tokens, temperature],
+    file_button.click(handlers.summarize_file, inputs=[document, max_tokens, temperature, picker],
                       outputs=[summary, usage], api_name="summarize_file", concurrency_limit=None)
     return text, max_tokens, stats
 
@@ -146,7 +160,7 @@ def _mib(size: int) -> str:
     return f"{size / 1048576:.1f} MiB" if size >= 1048576 else f"{size / 1024:.0f} KiB"
 
 
-def _batch_tab(handlers: UIHandlers, settings: ModelSettings) -> None:
+def _batch_tab(handlers: UIHandlers, settings: ModelSettings, picker: gr.Dropdown) -> None:
     """A CSV/XLSX of texts in, the same file with a summary column out."""
     gr.Markdown(
         f"สรุปข้อความทีละแถวจากไฟล์ CSV (UTF-8) หรือ Excel (.xlsx) แถวแรกเป็นชื่อคอลัมน์ "
@@ -183,13 +197,13 @@ def _batch_tab(handlers: UIHandlers, settings: ModelSettings) -> None:
                  api_visibility="private", concurrency_limit=None)
     table.clear(lambda: (gr.update(choices=[], value=None), table_hint), outputs=[column, table_info],
                 api_visibility="private", queue=False)
-    run.click(handlers.run_batch, inputs=[table, column, max_tokens, temperature],
+    run.click(handlers.run_batch, inputs=[table, column, max_tokens, temperature, picker],
               outputs=[progress, result], api_visibility="private", concurrency_limit=None,
               show_progress="hidden")
     stop.click(handlers.stop_batch, api_visibility="private", queue=False)
 
 
-def _chat_tab(handlers: UIHandlers, settings: ModelSettings) -> None:
+def _chat_tab(handlers: UIHandlers, settings: ModelSettings, picker: gr.Dropdown) -> None:
     system_prompt = gr.Textbox(DEFAULT_CHAT_SYSTEM, label="คำสั่งระบบ / system prompt", lines=2,
                                render=False)
     max_tokens, temperature = _generation_controls(settings, render=False)
@@ -199,7 +213,7 @@ def _chat_tab(handlers: UIHandlers, settings: ModelSettings) -> None:
                            elem_id="thai-chat"),
         textbox=gr.Textbox(placeholder="พิมพ์ข้อความ… / Type a message…", submit_btn=True,
                            elem_id="chat-input", show_label=False),
-        additional_inputs=[system_prompt, max_tokens, temperature],
+        additional_inputs=[system_prompt, max_tokens, temperature, picker],
         additional_inputs_accordion=gr.Accordion("ตั้งค่า / Settings", open=True, render=False),
         api_name="chat",
         concurrency_limit=None,

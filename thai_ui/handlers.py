@@ -104,6 +104,31 @@ class UIHandlers:
         """Banner HTML and whether polling may stop."""
         return status_html(self.engine), status_is_final(self.engine)
 
+    # ------------------------------------------------------------- models
+    def model_names(self) -> list[str]:
+        """The names a request's ``model`` may give (what /v1/models lists), served model
+        first: the engine says, whichever engine runs."""
+        try:
+            return [m.name for m in self.engine.served_models()] or [self.serving.model_name]
+        except Exception:  # the model went away
+            return [self.serving.model_name]
+
+    def model_picker(self, current: Any = None) -> dict:
+        """The picker's update: the served names, shown only when there is a choice; the
+        visitor's pick is kept while it is still served."""
+        names = self.model_names()
+        value = current if isinstance(current, str) and current in names else names[0]
+        return gr.update(choices=names, value=value, visible=len(names) > 1)
+
+    def chosen_model(self, model: Any) -> str:
+        """The picker's value, checked here: a visitor may post anything to a Gradio function,
+        and a name the engine does not serve is a clear error, never a 500."""
+        if model is None or model == "":
+            return self.serving.model_name
+        if isinstance(model, str) and len(model) <= 256 and self.engine.serves(model):
+            return model
+        raise ui_error("model_not_found", "served: " + ", ".join(self.model_names()))
+
     # -------------------------------------------------------------- stats
     def text_stats(self, text: str | None, max_tokens: float | None) -> TextStats:
         """Counts for the summarize box; texts longer than a request may be are not counted.
@@ -148,7 +173,7 @@ class UIHandlers:
 
     # ---------------------------------------------------------- summarize
     async def summarize(self, text: str | None, max_tokens: float, temperature: float,
-                        request: gr.Request = None) -> AsyncIterator[tuple[str, str]]:
+                        model: Any = None, request: gr.Request = None) -> AsyncIterator[tuple[str, str]]:
         """Stream (summary so far, status line) pairs.
 
         A long text is summarized in pieces by the serving layer: while its pieces run, the
@@ -158,17 +183,19 @@ class UIHandlers:
         started = time.perf_counter()
         if text is None or is_blank(text):
             raise ui_error("empty_text")
+        model = self.chosen_model(model)
         async with aclosing(self._summary_updates(text, max_tokens, temperature, started,
-                                                  tenant=tenant_of(request))) as updates:
+                                                  tenant=tenant_of(request),
+                                                  model=model)) as updates:
             async for update in updates:
                 yield update
 
     async def _summary_updates(self, text: str, max_tokens: float, temperature: float,
-                               started: float, suffix: str = "", *,
-                               tenant: str) -> AsyncIterator[tuple[str, str]]:
+                               started: float, suffix: str = "", *, tenant: str,
+                               model: str | None = None) -> AsyncIterator[tuple[str, str]]:
         try:
             request = SummarizeRequest(text=text, max_tokens=int(max_tokens),
-                                       temperature=float(temperature))
+                                       temperature=float(temperature), model=model)
             run = await self.serving.summarize_events(request, tenant)
         except Exception as exc:
             raise error_for(exc) from None
@@ -205,14 +232,16 @@ class UIHandlers:
         return document.text, document_markdown(document)
 
     async def summarize_file(self, path: str | None, max_tokens: float, temperature: float,
-                             request: gr.Request = None) -> AsyncIterator[tuple[str, str]]:
+                             model: Any = None, request: gr.Request = None
+                             ) -> AsyncIterator[tuple[str, str]]:
         """For ``gradio_client``: a document's summary, streamed like :meth:`summarize`."""
         started = time.perf_counter()
+        model = self.chosen_model(model)
         document = await self._read_document(path, _client_of(request))
         suffix = " · " + document_markdown(document)
         async with aclosing(self._summary_updates(document.text, max_tokens, temperature,
-                                                  started, suffix,
-                                                  tenant=tenant_of(request))) as updates:
+                                                  started, suffix, tenant=tenant_of(request),
+                                                  model=model)) as updates:
             async for update in updates:
                 yield update
 
@@ -269,10 +298,11 @@ class UIHandlers:
         return gr.update(choices=info.columns, value=info.default_column), line
 
     async def run_batch(self, path: Any, column: str | None, max_tokens: float,
-                        temperature: float, request: gr.Request = None
+                        temperature: float, model: Any = None, request: gr.Request = None
                         ) -> AsyncIterator[tuple[str, Any]]:
         """Stream (progress HTML, result file) while the table's rows are summarized."""
         session, client = _session_of(request), _client_of(request)
+        model = self.chosen_model(model)
         resolved = self._uploaded(path)
         if not column:
             raise ui_error("choose_column")
@@ -284,7 +314,7 @@ class UIHandlers:
             raise ui_error(code) from None
         try:
             async with aclosing(self._batch_updates(job, resolved, str(column), max_tokens,
-                                                    temperature)) as updates:
+                                                    temperature, model)) as updates:
                 async for update in updates:
                     yield update
         finally:
@@ -294,12 +324,14 @@ class UIHandlers:
             self.batches.finish(job)
 
     async def _batch_updates(self, job: BatchJob, path: Path, column: str, max_tokens: float,
-                             temperature: float) -> AsyncIterator[tuple[str, Any]]:
+                             temperature: float, model: str | None = None
+                             ) -> AsyncIterator[tuple[str, Any]]:
         if not self.engine.ready:  # every row would fail the same way
             failure = self.engine.failure()
             raise ui_error("model_load_failed" if failure else "model_not_ready")
         try:
-            options = SummaryOptions(max_tokens=int(max_tokens), temperature=float(temperature))
+            options = SummaryOptions(max_tokens=int(max_tokens), temperature=float(temperature),
+                                     model=model)
             self.serving.summary_params(options)  # a bad length fails once, not on every row
         except Exception as exc:
             raise error_for(exc) from None
@@ -313,6 +345,9 @@ class UIHandlers:
         if job.stopped:
             yield progress_html("stopped"), None
             return
+        for row in rows:  # every row runs the picked model (the rows are read in the worker)
+            if row.request is not None:
+                row.request = row.request.model_copy(update={"model": model})
         expected = 2 * path.stat().st_size + len(rows) * (options.max_tokens * 16 + 1024)
         full = self.uploads.room_for(job.client, expected) if self.uploads is not None else "server"
         if full is not None:  # the result file counts in the client's share, like an upload
@@ -395,17 +430,18 @@ class UIHandlers:
 
     # --------------------------------------------------------------- chat
     async def chat(self, message: Any, history: list[Any] | None, system_prompt: str | None,
-                   max_tokens: float, temperature: float,
+                   max_tokens: float, temperature: float, model: Any = None,
                    request: gr.Request = None) -> AsyncIterator[str]:
         """Stream the assistant's reply (the text so far, as ChatInterface expects)."""
         messages = build_messages(message, history, system_prompt)
         if is_blank(messages[-1]["content"]):
             raise ui_error("empty_message")
+        model = self.chosen_model(model)
         try:
             # The seed's defaults for people: no repeated 3-grams (the OpenAI route's
             # default is plain decoding).
             body = ChatCompletionRequest(
-                model=self.serving.model_name, messages=messages, max_tokens=int(max_tokens),
+                model=model, messages=messages, max_tokens=int(max_tokens),
                 temperature=float(temperature),
                 no_repeat_ngram_size=self.serving.settings.no_repeat_ngram_size)
             generation = await self.serving.chat_request(body, tenant_of(request))

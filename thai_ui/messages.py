@@ -36,6 +36,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "request_timeout": ("ใช้เวลานานเกินกำหนด", "The request took too long."),
     "invalid_request": ("คำขอไม่ถูกต้อง", "Invalid request."),
     "internal": ("เกิดข้อผิดพลาดภายในระบบ", "Internal error."),
+    "model_not_found": ("ไม่มีโมเดลที่เลือกในเซิร์ฟเวอร์นี้ กรุณาเลือกจากรายการ",
+                        "This server does not serve the chosen model; pick one from the list."),
     # long texts (summarized in pieces)
     "too_many_chunks": ("ข้อความยาวเกินกว่าจะสรุปได้ในครั้งเดียว กรุณาแบ่งข้อความให้สั้นลง",
                         "The text is too long to summarize here, even in pieces; shorten it."),
