@@ -167,16 +167,16 @@ def test_the_pick_reaches_the_engine_and_unknown_names_never_do():
     engine = handlers.engine
 
     async def run():
-        async for _ in handlers.chat("สวัสดี", [], None, 3, 0.0, "B"):
+        async for _ in handlers.chat("สวัสดี", [], None, 3, 0.0, model="B"):
             pass
-        async for _ in handlers.summarize("ข่าววันนี้", 3, 0.0, "B"):
+        async for _ in handlers.summarize("ข่าววันนี้", 3, 0.0, model="B"):
             pass
-        async for _ in handlers.chat("สวัสดี", [], None, 3, 0.0, None):
+        async for _ in handlers.chat("สวัสดี", [], None, 3, 0.0):
             pass
 
     asyncio.run(run())
     assert [r.model for r in engine.requests] == ["B", "B", None]
     with pytest.raises(gr.Error) as refused:
-        asyncio.run(handlers.run_batch("any.csv", "text", 3, 0.0, "C").__anext__())
+        asyncio.run(handlers.run_batch("any.csv", "text", 3, 0.0, model="C").__anext__())
     assert "does not serve the chosen model" in refused.value.message
     assert len(engine.requests) == 3

@@ -122,7 +122,9 @@ class UIHandlers:
 
     def chosen_model(self, model: Any) -> str:
         """The picker's value, checked here: a visitor may post anything to a Gradio function,
-        and a name the engine does not serve is a clear error, never a 500."""
+        and a name the engine does not serve is a clear error, never a 500. (Handlers take it
+        after ``request``: Gradio inserts the request by position, the pick follows it, and
+        callers that pass the request positionally keep working.)"""
         if model is None or model == "":
             return self.serving.model_name
         if isinstance(model, str) and len(model) <= 256 and self.engine.serves(model):
@@ -173,7 +175,7 @@ class UIHandlers:
 
     # ---------------------------------------------------------- summarize
     async def summarize(self, text: str | None, max_tokens: float, temperature: float,
-                        model: Any = None, request: gr.Request = None) -> AsyncIterator[tuple[str, str]]:
+                        request: gr.Request = None, model: Any = None) -> AsyncIterator[tuple[str, str]]:
         """Stream (summary so far, status line) pairs.
 
         A long text is summarized in pieces by the serving layer: while its pieces run, the
@@ -232,7 +234,7 @@ class UIHandlers:
         return document.text, document_markdown(document)
 
     async def summarize_file(self, path: str | None, max_tokens: float, temperature: float,
-                             model: Any = None, request: gr.Request = None
+                             request: gr.Request = None, model: Any = None
                              ) -> AsyncIterator[tuple[str, str]]:
         """For ``gradio_client``: a document's summary, streamed like :meth:`summarize`."""
         started = time.perf_counter()
@@ -298,7 +300,7 @@ class UIHandlers:
         return gr.update(choices=info.columns, value=info.default_column), line
 
     async def run_batch(self, path: Any, column: str | None, max_tokens: float,
-                        temperature: float, model: Any = None, request: gr.Request = None
+                        temperature: float, request: gr.Request = None, model: Any = None
                         ) -> AsyncIterator[tuple[str, Any]]:
         """Stream (progress HTML, result file) while the table's rows are summarized."""
         session, client = _session_of(request), _client_of(request)
@@ -430,8 +432,8 @@ class UIHandlers:
 
     # --------------------------------------------------------------- chat
     async def chat(self, message: Any, history: list[Any] | None, system_prompt: str | None,
-                   max_tokens: float, temperature: float, model: Any = None,
-                   request: gr.Request = None) -> AsyncIterator[str]:
+                   max_tokens: float, temperature: float, request: gr.Request = None,
+                   model: Any = None) -> AsyncIterator[str]:
         """Stream the assistant's reply (the text so far, as ChatInterface expects)."""
         messages = build_messages(message, history, system_prompt)
         if is_blank(messages[-1]["content"]):
