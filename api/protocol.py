@@ -625,8 +625,8 @@ class SummarizeDocumentForm(BaseModel):
 
 
 class SummarizeProgress(BaseModel):
-    """A streamed step of a summary: a round began (``chunks_done`` 0) or one of its pieces
-    is done. The round with ``final: true`` is the one call whose text is the summary."""
+    """A streamed step of a summary: a round began (``chunks_done`` 0), its pieces wrote
+    more tokens (``tokens_done``), or one of its pieces is done. The round with ``final: true`` is the one call whose text is the summary."""
 
     object: Literal["summarize.progress"] = "summarize.progress"
     round: int = Field(description="1 for the pieces of the text, 2 for pieces of their "
@@ -635,6 +635,12 @@ class SummarizeProgress(BaseModel):
     chunks_total: int = Field(description="Pieces in this round.")
     final: bool = Field(description="True for the last round: one call, whose text streams "
                         "as summarize.delta events.")
+    tokens_done: int = Field(0, ge=0, description="Tokens the round's pieces have written so "
+                             "far, all pieces together (sent every few tokens while they are "
+                             "written, and with each finished piece); 0 in the final round, "
+                             "whose text streams as summarize.delta events.")
+    tokens_budget: int = Field(0, ge=0, description="Most tokens the round's calls may write: "
+                               "chunks_total times each call's max_tokens.")
 
 
 class SummarizeDelta(BaseModel):

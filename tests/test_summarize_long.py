@@ -107,7 +107,8 @@ def test_recursion_goes_several_rounds_and_shrinks_each_time():
     events = asyncio.run(main())
     result = events[-1]
     assert isinstance(result, SummarizeResponse)
-    starts = [e for e in events if isinstance(e, SummarizeProgress) and e.chunks_done == 0]
+    starts = [e for e in events if isinstance(e, SummarizeProgress)
+              and e.chunks_done == 0 and e.tokens_done == 0]
     assert [e.round for e in starts] == list(range(1, result.rounds + 1)) and result.rounds >= 3
     totals = [e.chunks_total for e in starts]
     assert totals == sorted(totals, reverse=True) and totals[-1] == 1 and starts[-1].final
@@ -258,15 +259,19 @@ def test_stream_sends_progress_then_deltas_then_result_then_done():
     assert set(kinds[first_delta:-1]) == {"summarize.delta"} and kinds[-1] == "summarize.result"
     progress = [e for e in events if e["object"] == "summarize.progress"]
     assert progress[0] == {"object": "summarize.progress", "round": 1, "chunks_done": 0,
-                           "chunks_total": progress[0]["chunks_total"], "final": False}
+                           "chunks_total": progress[0]["chunks_total"], "final": False,
+                           "tokens_done": 0, "tokens_budget": progress[0]["tokens_budget"]}
     round1 = [e for e in progress if e["round"] == 1]
-    assert [e["chunks_done"] for e in round1] == list(range(progress[0]["chunks_total"] + 1))
+    done = [e["chunks_done"] for e in round1]
+    assert sorted(set(done)) == list(range(progress[0]["chunks_total"] + 1)) and done == sorted(done)
+    tokens = [e["tokens_done"] for e in round1]
+    assert tokens == sorted(tokens) and tokens[-1] <= progress[0]["tokens_budget"]
     assert progress[-1]["final"] is True and progress[-1]["chunks_total"] == 1
     result = events[-1]
     deltas = "".join(e["delta"] for e in events if e["object"] == "summarize.delta")
     assert deltas.strip() == result["summary"]
     assert result["chunks"] == len(engine.requests) == sum(
-        e["chunks_total"] for e in progress if e["chunks_done"] == 0)
+        e["chunks_total"] for e in progress if e["chunks_done"] == 0 and e["tokens_done"] == 0)
     assert set(result) == {"object", "summary", "model", "usage", "finish_reason", "chunks", "rounds"}
 
 
@@ -275,7 +280,8 @@ def test_stream_of_a_text_that_fits():
     with client:
         events = sse(client.post("/v1/summarize", json={"text": "สวัสดี", "stream": True}))
     assert events[0] == {"object": "summarize.progress", "round": 1, "chunks_done": 0,
-                         "chunks_total": 1, "final": True}
+                         "chunks_total": 1, "final": True, "tokens_done": 0,
+                         "tokens_budget": events[0]["tokens_budget"]}
     deltas = "".join(e["delta"] for e in events[1:-1])
     assert deltas.startswith("สวัสดี"[::-1]) and deltas.strip() == events[-1]["summary"]
     assert events[-1]["object"] == "summarize.result" and events[-1]["chunks"] == 1

@@ -228,8 +228,8 @@ def test_a_long_text_shows_rounds_and_chunks_then_streams_the_summary(make):
     lines = [line for _, line in updates]
     progress = [line for line in lines if line.startswith(("ข้อความยาว", "รวมสรุป"))]
     assert progress, lines
-    assert any("ส่วนที่ 1 จาก" in line and "chunk 1 of" in line and "รอบที่ 1 / round 1" in line
-               for line in progress)
+    assert any("ส่วนที่เสร็จ 1 จาก" in line and "1 of" in line and "chunks done" in line
+               and "tokens written" in line and "รอบที่ 1 / round 1" in line for line in progress)
     assert all(summary == "" for summary, line in updates if line.startswith(("ข้อความยาว", "รวมสรุป")))
     streamed = [summary for summary, line in updates if line.startswith("กำลังสรุป")]
     assert len(streamed) >= 2 and all(b.startswith(a) for a, b in zip(streamed, streamed[1:]))

@@ -179,8 +179,8 @@ class UIHandlers:
         """Stream (summary so far, status line) pairs.
 
         A long text is summarized in pieces by the serving layer: while its pieces run, the
-        status line says which round and how many pieces are done; then the final summary
-        streams in as before.
+        status line says which round, how many pieces are done and the tokens written (one
+        update per progress event, none skipped); then the final summary streams in as before.
         """
         started = time.perf_counter()
         if text is None or is_blank(text):
@@ -475,18 +475,27 @@ def _took(seconds: float) -> str:
     return f"เวลา / time: **{seconds:.1f}** วินาที / s"
 
 
-def _bar(done: int, total: int, width: int = 10) -> str:
-    filled = round(width * done / total) if total else 0
+def _bar(done: float, total: float, width: int = 10) -> str:
+    filled = min(width, round(width * done / total)) if total else 0
     return "▰" * filled + "▱" * (width - filled)
 
 
 def _progress_line(event: SummarizeProgress, seconds: float) -> str:
-    """While a long text's pieces are summarized: the round, the pieces done."""
-    done, total = event.chunks_done, event.chunks_total
-    step = (f"แบ่งเป็น {total:,} ส่วน / split into {total:,} chunks" if done == 0 else
-            f"ส่วนที่ {done:,} จาก {total:,} / chunk {done:,} of {total:,}")
+    """While a long text's pieces are summarized: the round, the pieces done and the tokens
+    they have written so far (pieces that batch together often all finish on the same step,
+    so the tokens are what moves while they are written). The bar is the larger of the two
+    shares: a piece may stop before its budget."""
+    done, total, tokens = event.chunks_done, event.chunks_total, event.tokens_done
+    if done == 0 and tokens == 0:
+        step = f"แบ่งเป็น {total:,} ส่วน / split into {total:,} chunks"
+    else:
+        step = (f"ส่วนที่เสร็จ {done:,} จาก {total:,} / {done:,} of {total:,} chunks done · "
+                f"เขียนแล้ว {tokens:,} โทเค็น / {tokens:,} tokens written")
+    share = done / total if total else 0.0
+    if event.tokens_budget:
+        share = max(share, min(1.0, tokens / event.tokens_budget))
     return (f"ข้อความยาว สรุปทีละส่วน / long text, summarized in chunks · "
-            f"รอบที่ {event.round} / round {event.round} · {step} {_bar(done, total)} · "
+            f"รอบที่ {event.round} / round {event.round} · {step} {_bar(share, 1.0)} · "
             f"{_took(seconds)}")
 
 

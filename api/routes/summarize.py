@@ -13,8 +13,9 @@ router = APIRouter()
 
 SUMMARY_STREAM_DOC = (
     "With `stream: true`: Server-Sent Events, each `data: {json}`: "
-    "`{\"object\": \"summarize.progress\", \"round\", \"chunks_done\", \"chunks_total\", \"final\"}` "
-    "when a round starts and as its pieces finish; `{\"object\": \"summarize.delta\", \"delta\"}` "
+    "`{\"object\": \"summarize.progress\", \"round\", \"chunks_done\", \"chunks_total\", \"final\", "
+    "\"tokens_done\", \"tokens_budget\"}` when a round starts, every 16 tokens its pieces write "
+    "and as they finish; `{\"object\": \"summarize.delta\", \"delta\"}` "
     "with the final summary's text as it is generated; `{\"object\": \"summarize.result\", ...}` "
     "with the whole response; then `data: [DONE]`. A failure after the stream started is an "
     "event `{\"error\": {...}}` in the API's error envelope, then `[DONE]`.")

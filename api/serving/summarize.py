@@ -12,8 +12,8 @@ that does not fit gets 400 ``context_length_exceeded``).
 Everything happens in a :class:`SummaryRun`: admission (validation, tokenization,
 splitting, the piece limit and the first generation's admission) finishes before
 :meth:`SummarizeServing.start_summary` returns, so its errors are HTTP statuses; then the
-run yields events: :class:`~api.protocol.SummarizeProgress` when a round starts and as its
-pieces finish, :class:`~api.protocol.SummarizeDelta` with the final summary's text as it
+run yields events: :class:`~api.protocol.SummarizeProgress` when a round starts, every
+``PROGRESS_EVERY_TOKENS`` tokens its pieces write and as they finish, :class:`~api.protocol.SummarizeDelta` with the final summary's text as it
 is generated, and last the :class:`~api.protocol.SummarizeResponse`. ``/v1/summarize``
 with ``stream: true`` sends them as Server-Sent Events; the UI can iterate them
 in-process. Closing the run (or cancelling its reader) stops every generation it has
@@ -58,6 +58,10 @@ MAX_ROUNDS = 8  # each round shrinks the text at least ~4x (see _budgets); 8 is 
 PIECE_MARGIN_TOKENS = 16  # tokens may merge differently where a piece meets the template
 MIN_PIECE_TOKENS = 32  # below this the context window is too small to split into
 SUMMARY_JOINER = "\n\n"
+# A round's pieces report the tokens they have written every this many tokens (counted, not
+# timed, so the same text gives the same events): a batch whose pieces all finish on the same
+# step still shows progress while they are written.
+PROGRESS_EVERY_TOKENS = 16
 OVERLOAD_RETRIES = 5  # a later piece that finds the engine's queue full waits and tries again
 
 
@@ -417,7 +421,8 @@ class SummarizeServing(ServingBase):
         gen = GenerationRequest(prompt_ids=ids, params=plan.params, request_id=request_id(),
                                 messages=messages, tenant=plan.tenant, model=plan.model)
         stream = await (self.open_stream(gen) if round_ == 1 else self._open_retrying(gen))
-        emit(SummarizeProgress(round=round_, chunks_done=0, chunks_total=1, final=True))
+        emit(SummarizeProgress(round=round_, chunks_done=0, chunks_total=1, final=True,
+                               tokens_budget=plan.params.max_tokens))
         return await self.collect(stream, lambda text: emit(SummarizeDelta(delta=text)))
 
     async def _piece_request(self, piece: str, plan: _Plan) -> GenerationRequest:
@@ -436,6 +441,8 @@ class SummarizeServing(ServingBase):
         this returns.
         """
         total = len(pieces)
+        budget = total * plan.piece_params.max_tokens
+        written = shown = 0  # tokens written by the round's pieces; as last reported
         slots = asyncio.Semaphore(max(1, int(self.engine.info.max_batch_size or 1)))
         results: list[Completion | None] = [None] * total
         done = 0
@@ -446,21 +453,34 @@ class SummarizeServing(ServingBase):
         except BaseException:
             slots.release()
             raise
-        emit(SummarizeProgress(round=round_, chunks_done=0, chunks_total=total, final=False))
+
+        def progress() -> None:
+            nonlocal shown
+            shown = written
+            emit(SummarizeProgress(round=round_, chunks_done=done, chunks_total=total, final=False,
+                                   tokens_done=written, tokens_budget=budget))
+
+        def wrote(tokens: int) -> None:
+            nonlocal written
+            before, written = written, written + tokens
+            if written // PROGRESS_EVERY_TOKENS > before // PROGRESS_EVERY_TOKENS:
+                progress()
+
+        progress()
 
         async def one(index: int) -> None:
             nonlocal done
             if index == 0:
                 try:
-                    results[0] = await self.collect(first)
+                    results[0] = await self.collect(_CountedStream(first, wrote))
                 finally:
                     slots.release()
             else:
                 async with slots:
                     stream = await self._open_retrying(await self._piece_request(pieces[index], plan))
-                    results[index] = await self.collect(stream)
+                    results[index] = await self.collect(_CountedStream(stream, wrote))
             done += 1
-            emit(SummarizeProgress(round=round_, chunks_done=done, chunks_total=total, final=False))
+            progress()
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(total)]
         try:
@@ -488,6 +508,27 @@ class SummarizeServing(ServingBase):
         if plan.document is not None:
             return SummarizeDocumentResponse(document=plan.document, **fields)
         return SummarizeResponse(**fields)
+
+
+class _CountedStream(GenerationStream):
+    """A piece's stream that reports each chunk's new tokens (its ``completion_tokens`` is
+    the running count; kept non-decreasing whatever an upstream reports)."""
+
+    def __init__(self, stream: GenerationStream, on_tokens: Callable[[int], None]):
+        self._stream, self._on_tokens, self._seen = stream, on_tokens, 0
+
+    async def __anext__(self):
+        chunk = await self._stream.__anext__()
+        if chunk.completion_tokens > self._seen:
+            new, self._seen = chunk.completion_tokens - self._seen, chunk.completion_tokens
+            self._on_tokens(new)
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def wait_open(self) -> None:
+        await self._stream.wait_open()
 
 
 def _expected_calls(pieces: int, summary_tokens: int, piece_tokens: int) -> int:
