@@ -32,7 +32,8 @@ UI1, UI2 = ui_tenant("10.0.0.1"), ui_tenant("10.0.0.2")
 def scheduler(max_batch_size: int = 4, max_waiting: int = 64, per_tenant: int = 16,
               ui_share: float = 0.5) -> BatchScheduler:
     tokenizer = SimpleNamespace(pad_token_id=0, decode=lambda ids, skip_special_tokens=True: "")
-    bundle = SimpleNamespace(model=None, eos_token_ids=[0], device="cpu", tokenizer=tokenizer)
+    bundle = SimpleNamespace(model=None, eos_token_ids=[0], device="cpu", tokenizer=tokenizer,
+                             lora=None)
     return BatchScheduler(bundle, max_batch_size=max_batch_size, max_waiting=max_waiting,
                           request_timeout_s=60, metrics=EngineMetrics("test"),
                           max_waiting_per_tenant=per_tenant, ui_share=ui_share)
