@@ -77,6 +77,10 @@ class FakeEngine(Engine):
         self._check_ready()
         return "".join(chr(i) for i in ids)
 
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        self._check_ready()
+        return [chr(i).encode("utf-8", "surrogatepass") for i in ids]
+
     @property
     def vocab_size(self) -> int:
         self._check_ready()

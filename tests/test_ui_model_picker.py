@@ -153,13 +153,24 @@ def picker_of(blocks: gr.Blocks) -> gr.Dropdown:
 def test_one_model_shows_no_picker_and_two_show_one():
     one = handlers_on(FakeEngine())
     assert one.model_picker()["visible"] is False and one.model_picker()["choices"] == ["thai-qwen-lora"]
-    assert picker_of(build_blocks(one, ModelSettings())).visible is False
+    # One adapter merged (the default): no picker at all, and the functions' inputs are those
+    # API callers of a one-model server already send.
+    blocks = build_blocks(one, ModelSettings())
+    assert not any(getattr(b, "elem_id", None) == "model-picker" for b in blocks.blocks.values())
+    summarize = next(f for f in blocks.fns.values() if f.api_name == "summarize")
+    assert len(summarize.inputs) == 3
+    # Adapters per row (more may be loaded at run time): the picker is there, hidden while
+    # only one model is served.
+    assert picker_of(build_blocks(one, ModelSettings(enable_lora=True))).visible is False
     two = handlers_on(TwoModelEngine())
     update = two.model_picker("B")
     assert update["visible"] is True and update["choices"] == ["thai-qwen-lora", "B"]
     assert update["value"] == "B" and two.model_picker("gone")["value"] == "thai-qwen-lora"
-    picker = picker_of(build_blocks(two, ModelSettings()))
+    blocks = build_blocks(two, ModelSettings(enable_lora=True))
+    picker = picker_of(blocks)
     assert picker.visible is True and [v for _, v in picker.choices] == ["thai-qwen-lora", "B"]
+    summarize = next(f for f in blocks.fns.values() if f.api_name == "summarize")
+    assert summarize.inputs[-1] is picker
 
 
 def test_the_pick_reaches_the_engine_and_unknown_names_never_do():

@@ -45,27 +45,31 @@ def build_blocks(handlers: UIHandlers, settings: ModelSettings, *,
     with gr.Blocks(title="Thai LLM · สรุปความและสนทนา", analytics_enabled=False) as blocks:
         gr.Markdown("# สรุปความและสนทนาภาษาไทย · Thai summarize & chat")
         status = gr.HTML(handlers.status()[0], elem_id="model-status")
-        picker = model_picker(handlers)
+        # The picker is an input only where the settings can serve several models, so a
+        # one-model server's Gradio functions keep the inputs its API callers already send.
+        picker = model_picker(handlers) if serves_several_models(settings) else None
+        picked = [picker] if picker is not None else []
         poll = gr.Timer(STATUS_POLL_S)
 
         def refresh_status(current=None):
             html, final = handlers.status()
+            if picker is None:
+                return html, gr.Timer(active=not final)
             # the served names are known once the model is loaded (and adapters may be
             # loaded later): each page load and status poll refreshes the picker
             return html, gr.Timer(active=not final), handlers.model_picker(current)
 
-        poll.tick(refresh_status, inputs=[picker], outputs=[status, poll, picker],
+        for event in (poll.tick, blocks.load):
+            event(refresh_status, inputs=picked, outputs=[status, poll, *picked],
                   show_progress="hidden", api_visibility="private", queue=False)
-        blocks.load(refresh_status, inputs=[picker], outputs=[status, poll, picker],
-                    show_progress="hidden", api_visibility="private", queue=False)
 
         with gr.Tabs():
             with gr.Tab("สรุปความ / Summarize", id="summarize"):
-                text, max_tokens, stats = _summarize_tab(handlers, settings, picker)
+                text, max_tokens, stats = _summarize_tab(handlers, settings, picked)
             with gr.Tab("สรุปทั้งไฟล์ / Batch", id="batch"):
-                _batch_tab(handlers, settings, picker)
+                _batch_tab(handlers, settings, picked)
             with gr.Tab("สนทนา / Chat", id="chat"):
-                _chat_tab(handlers, settings, picker)
+                _chat_tab(handlers, settings, picked)
         blocks.load(handlers.stats_markdown, inputs=[text, max_tokens], outputs=[stats],
                     show_progress="hidden", api_visibility="private", **STATS_CONCURRENCY)
         # Leaving the page (Gradio's heartbeat ends) cancels the session's batch.
@@ -74,6 +78,11 @@ def build_blocks(handlers: UIHandlers, settings: ModelSettings, *,
     # events, and api_open=False keeps queued functions off the direct /run/ route.
     blocks.queue(default_concurrency_limit=None, max_size=queue_max_size, api_open=False)
     return blocks
+
+
+def serves_several_models(settings: ModelSettings) -> bool:
+    """Adapters named at start, or per-row adapters that may be loaded at run time."""
+    return bool(settings.lora_modules) or settings.enable_lora
 
 
 def model_picker(handlers: UIHandlers) -> gr.Dropdown:
@@ -97,7 +106,7 @@ def _generation_controls(settings: ModelSettings, *, render: bool = True) -> tup
 
 
 def _summarize_tab(handlers: UIHandlers, settings: ModelSettings,
-                   picker: gr.Dropdown) -> tuple[gr.Textbox, gr.Slider, gr.Markdown]:
+                   picked: list[gr.Dropdown]) -> tuple[gr.Textbox, gr.Slider, gr.Markdown]:
     """Input, length and temperature, streamed summary; returns what the page load refreshes."""
     with gr.Row():
         with gr.Column(scale=3):
@@ -141,7 +150,7 @@ def _summarize_tab(handlers: UIHandlers, settings: ModelSettings,
                 **STATS_CONCURRENCY)
     # show_progress="hidden": an error is said once, in the toast (Thai and English), not
     # also as red badges over the outputs; the line under the summary shows the progress.
-    button.click(handlers.summarize, inputs=[text, max_tokens, temperature, picker],
+    button.click(handlers.summarize, inputs=[text, max_tokens, temperature, *picked],
                  outputs=[summary, usage], api_name="summarize", concurrency_limit=None,
                  show_progress="hidden")
     # A chosen file's text goes into the box (editable; the counters follow it).
@@ -151,7 +160,7 @@ def _summarize_tab(handlers: UIHandlers, settings: ModelSettings,
                    queue=False)
     # API only (gradio_client): a document's summary in one call. The button is never shown.
     file_button = gr.Button("summarize_file", visible=False, elem_id="summarize-file-api")
-    file_button.click(handlers.summarize_file, inputs=[document, max_tokens, temperature, picker],
+    file_button.click(handlers.summarize_file, inputs=[document, max_tokens, temperature, *picked],
                       outputs=[summary, usage], api_name="summarize_file", concurrency_limit=None)
     return text, max_tokens, stats
 
@@ -160,7 +169,7 @@ def _mib(size: int) -> str:
     return f"{size / 1048576:.1f} MiB" if size >= 1048576 else f"{size / 1024:.0f} KiB"
 
 
-def _batch_tab(handlers: UIHandlers, settings: ModelSettings, picker: gr.Dropdown) -> None:
+def _batch_tab(handlers: UIHandlers, settings: ModelSettings, picked: list[gr.Dropdown]) -> None:
     """A CSV/XLSX of texts in, the same file with a summary column out."""
     gr.Markdown(
         f"สรุปข้อความทีละแถวจากไฟล์ CSV (UTF-8) หรือ Excel (.xlsx) แถวแรกเป็นชื่อคอลัมน์ "
@@ -197,13 +206,13 @@ def _batch_tab(handlers: UIHandlers, settings: ModelSettings, picker: gr.Dropdow
                  api_visibility="private", concurrency_limit=None)
     table.clear(lambda: (gr.update(choices=[], value=None), table_hint), outputs=[column, table_info],
                 api_visibility="private", queue=False)
-    run.click(handlers.run_batch, inputs=[table, column, max_tokens, temperature, picker],
+    run.click(handlers.run_batch, inputs=[table, column, max_tokens, temperature, *picked],
               outputs=[progress, result], api_visibility="private", concurrency_limit=None,
               show_progress="hidden")
     stop.click(handlers.stop_batch, api_visibility="private", queue=False)
 
 
-def _chat_tab(handlers: UIHandlers, settings: ModelSettings, picker: gr.Dropdown) -> None:
+def _chat_tab(handlers: UIHandlers, settings: ModelSettings, picked: list[gr.Dropdown]) -> None:
     system_prompt = gr.Textbox(DEFAULT_CHAT_SYSTEM, label="คำสั่งระบบ / system prompt", lines=2,
                                render=False)
     max_tokens, temperature = _generation_controls(settings, render=False)
@@ -213,7 +222,7 @@ def _chat_tab(handlers: UIHandlers, settings: ModelSettings, picker: gr.Dropdown
                            elem_id="thai-chat"),
         textbox=gr.Textbox(placeholder="พิมพ์ข้อความ… / Type a message…", submit_btn=True,
                            elem_id="chat-input", show_label=False),
-        additional_inputs=[system_prompt, max_tokens, temperature, picker],
+        additional_inputs=[system_prompt, max_tokens, temperature, *picked],
         additional_inputs_accordion=gr.Accordion("ตั้งค่า / Settings", open=True, render=False),
         api_name="chat",
         concurrency_limit=None,

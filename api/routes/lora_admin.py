@@ -21,7 +21,11 @@ from api.protocol_lora import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
 log = logging.getLogger("thai.api.admin")
 router = APIRouter()
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
+# The answer is plain text (vLLM's), its errors the JSON envelope: a ``model`` here would be
+# documented under the route's text/plain, so the errors name their JSON schema themselves.
+ERRORS = {code: {"content": {"application/json": {"schema": {
+    "$ref": f"#/components/schemas/{ErrorResponse.__name__}"}}}}
+    for code in (400, 401, 403, 404, 409, 503)}
 
 
 class AdminRouteOffError(APIError):
