@@ -34,7 +34,7 @@ def test_exactly_the_guards_public_api_is_published(ui_client):
     endpoints = ui_client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert set(endpoints) == {f"/{name}" for name in PUBLIC_API}
     parameters = [p["parameter_name"] for p in endpoints["/summarize_file"]["parameters"]]
-    assert parameters[0] == "path" and len(parameters) == 4  # path, length, temperature, model
+    assert parameters == ["path", "max_tokens", "temperature"]  # one model served: no pick
 
 
 def test_summarize_streams_the_summary_and_reports_usage(ui_client):
