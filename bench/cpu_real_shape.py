@@ -19,7 +19,7 @@ Systems (``--systems``, in the order run): ``ours-auto`` (our defaults: ``THAI_D
 bf16 on a CPU with native bf16, and ``THAI_QUANTIZATION=auto``, w8a8 when its measured KL
 is within the limit; the table says what ran), ``ours-int8`` (weight-only int8),
 ``llama.cpp-Q8_0``, ``ours-bf16`` (``THAI_QUANTIZATION=none``), ``ours-float32`` (the
-CPU default before issue 11; single stream only unless ``--float32-levels``),
+earlier CPU default; single stream only unless ``--float32-levels``),
 ``llama.cpp-Q4_K_M``, ``generate-bf16`` (in-process ``model.generate`` in a child
 process: the single stream through a streamer, c4/c8 as one static batch each);
 ``ours-w8a8`` on request.
@@ -60,14 +60,14 @@ from bench.servers import REPO, ServerPool
 SYSTEMS = ("ours-auto", "ours-int8", "llama.cpp-Q8_0", "ours-bf16", "ours-float32",
            "llama.cpp-Q4_K_M", "generate-bf16")
 # ours-auto is the default settings (THAI_QUANTIZATION=auto: w8a8 when its measured KL is
-# within the limit, which /health reports); ours-float32 is the CPU default before issue 11.
+# within the limit, which /health reports); ours-float32 is the earlier CPU default.
 OURS = {"ours-auto": {"THAI_DTYPE": "auto", "THAI_QUANTIZATION": "auto"},
         "ours-bf16": {"THAI_DTYPE": "auto", "THAI_QUANTIZATION": "none"},
         "ours-int8": {"THAI_DTYPE": "auto", "THAI_QUANTIZATION": "int8"},
         "ours-w8a8": {"THAI_DTYPE": "auto", "THAI_QUANTIZATION": "w8a8"},
         "ours-float32": {"THAI_DTYPE": "float32", "THAI_QUANTIZATION": "none"}}
 WEIGHTS = {"none": "", "int8": " + int8 weights", "w8a8": " + int8 weights and activations"}
-# Issue 11's float32 reference when this run did not measure it (bench/RESULTS.md, run 3).
+# The float32 reference when this run did not measure it (bench/RESULTS.md, run 3).
 FLOAT32_EARLIER = {"decode_tok_s": 2.45, "ttft_s": 12.95, "source": "bench/RESULTS.md run 3 (earlier run)"}
 
 
@@ -339,7 +339,7 @@ def _get(results: dict, system: str, *path):
 
 
 def targets(results: dict) -> list[dict]:
-    """Issue 11's targets, with the ratio, the goal and whether it is met."""
+    """The CPU speed targets, with the ratio, the goal and whether it is met."""
     rows = []
     f32_decode = _get(results, "ours-float32", "single", "decode_tok_s")
     f32_ttft = _get(results, "ours-float32", "single", "ttft_s")

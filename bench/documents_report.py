@@ -1,4 +1,4 @@
-"""Issue-12 numbers through a real server: long texts and each file type.
+"""Long-text and document numbers through a real server: long texts and each file type.
 
     python -m bench.documents_report                  # demo checkpoint, default settings
     python -m bench.documents_report --json out.json

@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 class ReadyPool(ServerPool):
     """The benchmark's server pool, with readiness read from ``/ready`` (model loaded,
-    engine alive, not draining) rather than ``/health``, as the issue defines cold start."""
+    engine alive, not draining) rather than ``/health``, as this benchmark defines cold start."""
 
     def _spawn(self, name, argv, env, port, model, ready_timeout_s, ready_path="/ready"):
         return super()._spawn(name, argv, env, port, model, ready_timeout_s, ready_path="/ready")

@@ -6,7 +6,7 @@ Three engines in this process, on the same base and prompts, each kept busy by
 * ``merged``: one adapter merged into the base (today's path, THAI_LORA_PATH alone);
 * ``per_row_1``: adapters unmerged (THAI_ENABLE_LORA), every request on adapter A;
 * ``per_row_2``: two adapters unmerged, requests alternating A and B in one batch
-  (THAI_LORA_MODULES): the issue's case, target >= 0.7x ``merged``'s throughput.
+  (THAI_LORA_MODULES): the mixed case, target >= 0.7x ``merged``'s throughput.
 
 Printed (one JSON object and a line per engine), never asserted: timings on a shared
 machine drift, so the engines run in turns (``--rounds``) and the best round counts.

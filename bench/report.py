@@ -20,7 +20,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def targets(results: dict) -> list[dict]:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """The targets, each with the measured value and whether it is met."""
     single = (results.get("inprocess") or {}).get("single", {}).get("output_tokens_per_s")
     static = (results.get("inprocess") or {}).get("static", {})
     out: list[dict] = []

@@ -153,7 +153,7 @@ def enumerate_and_attack(server, headers: dict, adapter_file: Path) -> tuple[int
 
 # ------------------------------------------------------- 1. arbitrary file read
 def test_the_reported_exploit_is_refused(public_ui):
-    """The issue's exact requests: pop-last-message helper with /proc/self/environ, then file=."""
+    """The reported requests: pop-last-message helper with /proc/self/environ, then file=."""
     config = httpx.get(public_ui.url + "/ui/config").json()
     pop = next(d for d in config["dependencies"] if d["api_name"] == "_pop_last_user_message_1")
     r = httpx.post(f"{public_ui.url}{UI}/run/predict", json={

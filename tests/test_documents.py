@@ -421,7 +421,7 @@ def test_thai_pdf_recovery_before_and_after_cleanup(thai_pdf, tmp_path):
         ensure_ascii=False, indent=2))
     # raw pypdf loses the positional variants of Thai marks (U+0000) and has the furniture
     assert "\x00" in raw and HEADER.replace("ำ", "\u0e4d\u0e32") in raw
-    assert after["similarity"] >= 0.97 and after["thai_recovered"] >= 0.97  # the bar
+    assert after["similarity"] >= 0.97 and after["thai_recovered"] >= 0.97  # the bar
     assert after["similarity"] > before["similarity"] and after["thai_recovered"] > before["thai_recovered"]
     assert text_only["similarity"] >= 0.97
     # header and page numbers are gone, paragraphs are kept as paragraphs

@@ -123,7 +123,7 @@ def client_at(address: str) -> httpx.Client:
 
 
 def test_one_client_cannot_fill_the_upload_quota(door):
-    """The issue's 13 uploads from one address, at once: that client gets 429 past its share
+    """13 uploads from one address, at once: that client gets 429 past its share
     (2.5 MB here); another address still uploads, and so does the first one's neighbour."""
     attacker = client_at("127.0.0.2")
 
