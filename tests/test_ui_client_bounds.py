@@ -209,7 +209,9 @@ def test_one_client_runs_one_batch_whatever_its_sessions(door):
     assert r.status_code == 200, r.text
     file = {"path": r.json()[0], "meta": FILE_META, "orig_name": "rows.csv"}
     running = start_batch(door, first, deps, file)
-    assert running.wait_for("data-state"), running.text[-2000:]  # registered, reading or running
+    # Running, so its table has been read: while it is read, the same client's next file (the
+    # listing below) is refused as busy, one file at a time per visitor (test_parse_sandbox).
+    assert running.wait_for('data-state=\\"running\\"'), running.text[-2000:]
     try:
         for _ in range(3):  # new session hashes from the same address
             second = start_batch(door, first, deps, file)
