@@ -31,7 +31,7 @@ from api.batch.formats import (
 )
 from api.batch.runner import run_batch
 from api.errors import error_body
-from api.protocol import SummarizeRequest, SummarizeResponse, SummarizeUsage
+from api.protocol_summarize import SummarizeRequest, SummarizeResponse, SummarizeUsage
 from tests.support import REPO
 
 openpyxl = pytest.importorskip("openpyxl")

@@ -15,7 +15,7 @@ import pytest
 
 from api.batch.cells import csv_cell, csv_text
 from api.batch.formats import CsvSink, RowResult, TableInput, XlsxSink
-from api.protocol import SummarizeResponse, SummarizeUsage
+from api.protocol_summarize import SummarizeResponse, SummarizeUsage
 
 openpyxl = pytest.importorskip("openpyxl")
 

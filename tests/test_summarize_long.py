@@ -14,7 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.engine.errors import EngineOutOfMemoryError
-from api.protocol import SummarizeDelta, SummarizeProgress, SummarizeRequest, SummarizeResponse
+from api.protocol_summarize import (
+    SummarizeDelta,
+    SummarizeProgress,
+    SummarizeRequest,
+    SummarizeResponse,
+)
 from api.routes.deps import close_on_disconnect
 from api.server import create_app
 from api.serving import Serving

@@ -10,7 +10,12 @@ import json
 import httpx
 import pytest
 
-from api.protocol import SummarizeDelta, SummarizeProgress, SummarizeResponse, SummarizeUsage
+from api.protocol_summarize import (
+    SummarizeDelta,
+    SummarizeProgress,
+    SummarizeResponse,
+    SummarizeUsage,
+)
 from api.serving import Serving
 from api.serving.summarize import PROGRESS_EVERY_TOKENS
 from api.settings import ModelSettings

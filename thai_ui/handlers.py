@@ -33,12 +33,8 @@ import gradio as gr
 from api.batch import run_batch
 from api.engine import GenerationChunk, GenerationRequest
 from api.engine.tenants import key_tenant, ui_tenant
-from api.protocol import (
-    ChatCompletionRequest,
-    SummarizeProgress,
-    SummarizeRequest,
-    SummarizeResponse,
-)
+from api.protocol import ChatCompletionRequest
+from api.protocol_summarize import SummarizeProgress, SummarizeRequest, SummarizeResponse
 from api.security import client_identity
 from api.serving import Serving, SummaryOptions
 from api.text import is_blank

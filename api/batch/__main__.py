@@ -32,7 +32,7 @@ from api.batch.formats import (
     unique_keys,
 )
 from api.batch.runner import BatchAborted, run_batch
-from api.protocol import SummarizeRequest
+from api.protocol_summarize import SummarizeRequest
 from api.settings import ModelSettings, describe_validation_error
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2

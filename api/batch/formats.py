@@ -48,7 +48,8 @@ from api.batch.cells import csv_cell, csv_text, string_cells
 
 # The HTTP API's own wording of a validation error, so a bad row reads like a 400 from the route.
 from api.errors import _validation_message, error_body
-from api.protocol import ChatCompletionRequest, SummarizeRequest
+from api.protocol import ChatCompletionRequest
+from api.protocol_summarize import SummarizeRequest
 
 CHAT_URL = "/v1/chat/completions"
 SUMMARIZE_URL = "/v1/summarize"

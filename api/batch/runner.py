@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from api.batch.formats import BatchRow, RowResult
 from api.errors import error_content
-from api.protocol import SummarizeRequest
+from api.protocol_summarize import SummarizeRequest
 
 if TYPE_CHECKING:  # the CLI and the UI bring their own
     from api.serving import Serving

@@ -24,7 +24,8 @@ from starlette.datastructures import UploadFile
 
 from api.errors import InvalidRequestError, clip
 from api.middleware import DOCUMENT_UPLOAD_PATH
-from api.protocol import ErrorResponse, SummarizeDocumentForm, SummarizeDocumentResponse
+from api.protocol import ErrorResponse
+from api.protocol_summarize import SummarizeDocumentForm, SummarizeDocumentResponse
 from api.routes.deps import cancel_on_disconnect, event_stream_response, get_serving, request_tenant
 from api.routes.openai_chat import ERRORS
 from api.routes.summarize import SUMMARY_STREAM_DOC

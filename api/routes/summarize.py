@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from api.protocol import SummarizeRequest, SummarizeResponse
+from api.protocol_summarize import SummarizeRequest, SummarizeResponse
 from api.routes.deps import cancel_on_disconnect, event_stream_response, get_serving, request_tenant
 from api.routes.openai_chat import ERRORS
 from api.serving import Serving

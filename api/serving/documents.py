@@ -10,7 +10,7 @@ from api.documents.errors import DocumentTooLargeError, EmptyDocumentError
 from api.documents.extract import ExtractedDocument, extract_document
 from api.documents.pool import ParsePool
 from api.engine import Engine
-from api.protocol import DocumentInfo, SummarizeDocumentResponse
+from api.protocol_summarize import DocumentInfo, SummarizeDocumentResponse
 from api.serving.summarize import ProgressCallback, SummarizeServing, SummaryOptions, SummaryRun, summary_sse
 from api.settings import ModelSettings, ServerSettings
 from api.text import is_blank

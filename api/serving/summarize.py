@@ -12,9 +12,9 @@ that does not fit gets 400 ``context_length_exceeded``).
 Everything happens in a :class:`SummaryRun`: admission (validation, tokenization,
 splitting, the piece limit and the first generation's admission) finishes before
 :meth:`SummarizeServing.start_summary` returns, so its errors are HTTP statuses; then the
-run yields events: :class:`~api.protocol.SummarizeProgress` when a round starts, every
-``PROGRESS_EVERY_TOKENS`` tokens its pieces write and as they finish, :class:`~api.protocol.SummarizeDelta` with the final summary's text as it
-is generated, and last the :class:`~api.protocol.SummarizeResponse`. ``/v1/summarize``
+run yields events: :class:`~api.protocol_summarize.SummarizeProgress` when a round starts, every
+``PROGRESS_EVERY_TOKENS`` tokens its pieces write and as they finish, :class:`~api.protocol_summarize.SummarizeDelta` with the final summary's text as it
+is generated, and last the :class:`~api.protocol_summarize.SummarizeResponse`. ``/v1/summarize``
 with ``stream: true`` sends them as Server-Sent Events; the UI can iterate them
 in-process. Closing the run (or cancelling its reader) stops every generation it has
 in flight.
@@ -37,7 +37,7 @@ from api.engine.base import GenerationStream
 from api.engine.errors import EngineOverloadedError
 from api.engine.tenants import LOCAL_TENANT
 from api.errors import InvalidRequestError, error_content
-from api.protocol import (
+from api.protocol_summarize import (
     DocumentInfo,
     SummarizeDelta,
     SummarizeDocumentResponse,
