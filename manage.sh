@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Management commands with the seed's names. Any further arguments go to the command.
+# Management commands with the original design's names. Any further arguments go to the command.
 #   ./manage.sh host-api [app.py flags]      pre-flight checks, then serve (deploy/host_model.py)
 #   ./manage.sh check [app.py flags]         only the pre-flight checks
 #   ./manage.sh test-api [--url URL] [--api-key KEY]   check every endpoint of a running server

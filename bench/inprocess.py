@@ -1,6 +1,6 @@
 """In-process baselines on the same checkpoint and prompts, no HTTP.
 
-* ``single``: plain ``model.generate`` for one request at a time, the seed's
+* ``single``: plain ``model.generate`` for one request at a time, the original design's
   design; its tokens/s is what one streamed HTTP request should approach.
 * ``static``: one left-padded ``generate`` over a whole batch of N prompts,
   all with the same fixed output length; a ceiling for a batch of N on this

@@ -4,7 +4,7 @@
     ./manage.sh host-api --port 8002        # any app.py flag (python app.py --help)
     ./manage.sh host-api --check-only       # only the checks; exit 1 on a problem
 
-The checks turn the seed's troubleshooting cases (port already in use, adapter
+The checks turn the original design's troubleshooting cases (port already in use, adapter
 missing or incomplete, not enough GPU memory for the dtype) into one clear line
 each before anything heavy is loaded. Then this process becomes ``app.py``
 (``exec``), so systemd, signals and exit codes see the server itself.

@@ -1,4 +1,4 @@
-"""Pre-flight checks: the seed's troubleshooting cases, caught before loading anything.
+"""Pre-flight checks: the original design's troubleshooting cases, caught before loading anything.
 
 Each check returns :class:`Check` results with a message that says what is
 wrong and what to do: the port is taken (and by which process), the adapter

@@ -81,7 +81,7 @@ def test_invalid_bodies(client, live_server):
 
 
 def test_seed_curl_summarize(live_server, tokenizer):
-    """The seed's curl example, unchanged."""
+    """The original design's curl example, unchanged."""
     r = httpx.post(live_server.url + "/v1/summarize", timeout=60,
                    json={"text": "ข้อความที่ต้องการสรุปเป็นภาษาไทย...", "max_tokens": 100, "temperature": 0.7})
     assert r.status_code == 200

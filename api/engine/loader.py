@@ -1,7 +1,7 @@
 """Find and load the model: base weights, LoRA adapter, tokenizer.
 
 The same function loads Qwen2.5-1.5B-Instruct on an H100 and the generated
-demo checkpoint on a laptop; only the paths differ. Problems the seed's
+demo checkpoint on a laptop; only the paths differ. Problems the original design's
 troubleshooting section lists (missing adapter, no GPU, hub unreachable) are
 turned into one clear message here, before anything heavy is loaded.
 """
@@ -73,7 +73,7 @@ def lora_modules(settings: ModelSettings) -> list[tuple[str, str]]:
 
 
 def missing_adapter_message(lora_path: str) -> str | None:
-    """The seed's message when the adapter folder is missing or incomplete, else None."""
+    """The original design's message when the adapter folder is missing or incomplete, else None."""
     path = Path(lora_path)
     if not path.is_dir():
         return (f"Thai model not found at {lora_path}: expected a folder with "

@@ -28,7 +28,7 @@ class GrammarSpec:
 class SamplingParams:
     """How to generate for one request; honoured per sequence inside a batch.
 
-    Every field's default is "off" except the seed's summarization defaults (150 tokens,
+    Every field's default is "off" except the original design's summarization defaults (150 tokens,
     no repeated 3-grams); each serving route sets what its clients expect (the OpenAI
     routes turn n-gram blocking off). Names and meanings follow vLLM's ``SamplingParams``.
     """
