@@ -170,6 +170,13 @@ def test_row_groups_apply_each_rows_delta_only():
     torch.testing.assert_close(out, expected)
     rows.set([2, 2], torch.device("cpu"))
     torch.testing.assert_close(layer(x[:2]), layer.base(x[:2]) + x[:2] @ a2.t() @ b2.t())
+    # A slot this layer has no weights for (an adapter targeting other modules) adds nothing.
+    rows.set([3, 2, 3, 0], torch.device("cpu"))
+    expected = base.clone()
+    expected[1] += x[1] @ a2.t() @ b2.t()
+    torch.testing.assert_close(layer(x), expected)
+    rows.set([3, 0, 3, 0], torch.device("cpu"))
+    torch.testing.assert_close(layer(x), base)
 
 
 def test_adapter_checks_refuse_pickles_wrong_shapes_ranks_and_bases(adapters, tmp_path):

@@ -4,9 +4,10 @@ One adapter is merged into the base at load (``loader.py``): the fastest path, a
 today's. With several (``THAI_LORA_MODULES``, ``THAI_ENABLE_LORA``), requests for
 different adapters share one batch, so no adapter can be merged. Each linear layer of
 the decoder is wrapped in :class:`LoraLinear`: the base GEMM runs once for the whole
-batch, then, for each adapter present in the batch, the low-rank product
-``x[rows] @ A^T @ (scaling * B)^T`` is added to that adapter's rows (the S-LoRA /
-punica way, with one grouped product per adapter instead of a custom kernel).
+batch, then the low-rank products ``x @ A^T @ (scaling * B)^T`` of every adapter in the
+batch at once, each row keeping its own adapter's (the S-LoRA / punica way: base GEMM once,
+low-rank products per adapter, here as one packed product with a row mask instead of a
+custom kernel).
 
 Adapters are peft LoRA folders read here without peft (``adapter_config.json`` and
 ``adapter_model.safetensors``; a pickle ``adapter_model.bin`` is refused: loading one
@@ -43,7 +44,13 @@ NO_ADAPTER = 0  # the slot of rows that run the base alone
 class LoraLinear(nn.Module):
     """A linear layer (``nn.Linear`` or a quantized one) plus per-row LoRA deltas.
 
-    ``weights``: slot -> (A [r, in], scaling * B [out, r]); replaced, never mutated, so
+    ``weights``: slot -> (A [r, in], scaling * B [out, r]); replaced, never mutated. Setting
+    it also packs every adapter into one pair (``A_all`` [S * R, in], ``B_all`` [out, S * R],
+    each adapter's rank zero-padded to the layer's largest R), so a batch that mixes adapters
+    costs four operations per layer whatever it mixes: ``x @ A_all^T``, a 0/1 mask that keeps
+    each row's own adapter's columns, ``@ B_all^T``, the add. On a small model the number of
+    operations, not their arithmetic, is the cost (one index_select/index_add pair per
+    adapter per layer was twice as slow). The packed tuple is replaced in one assignment, so
     a forward on the worker thread sees one consistent set.
     """
 
@@ -52,38 +59,67 @@ class LoraLinear(nn.Module):
         self.base = base
         self.in_features = int(base.in_features)
         self.out_features = int(base.out_features)
-        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rows = rows
+        self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return self._weights
+
+    @weights.setter
+    def weights(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        packed = None
+        if weights:
+            slots = tuple(sorted(weights))
+            rank = max(weights[s][0].shape[0] for s in slots)
+            a0, b0 = weights[slots[0]]
+            a_all = a0.new_zeros(len(slots) * rank, self.in_features)
+            b_all = b0.new_zeros(self.out_features, len(slots) * rank)
+            for i, slot in enumerate(slots):
+                a, b = weights[slot]
+                a_all[i * rank:i * rank + a.shape[0]] = a
+                b_all[:, i * rank:i * rank + b.shape[1]] = b
+            packed = ((slots, rank, a_all.dtype), a_all, b_all)
+        self._weights, self._packed = weights, packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        groups, weights = self._rows.groups, self.weights
+        groups, weights, packed = self._rows.groups, self._weights, self._packed
         if not groups or not weights:
             return out
-        for slot, index in groups:
-            pair = weights.get(slot)
+        if len(groups) == 1 and groups[0][1] is None:  # every row runs one adapter
+            pair = weights.get(groups[0][0])
             if pair is None:
-                continue
+                return out
             a, b = pair
-            if index is None:  # every row runs this adapter
-                out = out + (x.to(a.dtype) @ a.t()) @ b.t()
-            else:
-                delta = (x.index_select(0, index).to(a.dtype) @ a.t()) @ b.t()
-                out = out.index_add(0, index, delta.to(out.dtype))
-        return out
+            x = x if x.dtype == a.dtype else x.to(a.dtype)
+            return out + ((x @ a.t()) @ b.t()).to(out.dtype)
+        key, a_all, b_all = packed
+        mask = self._rows.mask(key, x.dim())
+        if mask is None:  # no row of this batch runs an adapter this layer has
+            return out
+        x = x if x.dtype == a_all.dtype else x.to(a_all.dtype)
+        return out + (((x @ a_all.t()) * mask) @ b_all.t()).to(out.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, lora slots={sorted(self.weights)}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, lora slots={sorted(self._weights)}"
 
 
 class RowGroups:
-    """Which batch rows run which adapter in the next forward: [(slot, row index or None)]."""
+    """Which batch rows run which adapter in the next forward: [(slot, row index or None)],
+    and the per-row column masks of packed layers (built once per forward for each packing,
+    which layers with the same adapters and rank share)."""
 
     def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self._slots: torch.Tensor | None = None
+        self._masks: dict[tuple, torch.Tensor | None] = {}
 
     def set(self, slots: list[int], device: torch.device) -> None:
         present = sorted(set(slots) - {NO_ADAPTER})
+        self._masks = {}
+        self._slots = torch.tensor(slots, dtype=torch.long, device=device) if present else None
         if not present:
             self.groups = []
         elif len(present) == 1 and NO_ADAPTER not in slots:
@@ -92,6 +128,19 @@ class RowGroups:
             self.groups = [(slot, torch.tensor([i for i, s in enumerate(slots) if s == slot],
                                                dtype=torch.long, device=device))
                            for slot in present]
+
+    def mask(self, key: tuple, dims: int) -> torch.Tensor | None:
+        """[rows, 1 ..., S * R]: 1 where a column belongs to the row's own adapter (key: a
+        packed layer's (slots, rank, dtype)); None when no row runs any of those slots."""
+        cache_key = (key, dims)
+        if cache_key not in self._masks:
+            slots, rank, dtype = key
+            rows = self._slots
+            columns = torch.tensor(slots, dtype=torch.long, device=rows.device).repeat_interleave(rank)
+            mask = rows[:, None] == columns[None, :]
+            self._masks[cache_key] = (mask.to(dtype).reshape(rows.shape[0], *[1] * (dims - 2), -1)
+                                      if bool(mask.any()) else None)
+        return self._masks[cache_key]
 
 
 @dataclass
