@@ -191,3 +191,16 @@ def test_the_pick_reaches_the_engine_and_unknown_names_never_do():
         asyncio.run(handlers.run_batch("any.csv", "text", 3, 0.0, model="C").__anext__())
     assert "does not serve the chosen model" in refused.value.message
     assert len(engine.requests) == 3
+
+
+def test_a_batch_tables_rows_are_requests_for_the_pick(tmp_path):
+    """The batch reader (in the parse worker) writes the pick into every row's request, as it
+    writes the length and temperature; without a pick the rows name no model."""
+    from thai_ui.documents import read_table_job
+
+    path = tmp_path / "rows.csv"
+    path.write_text("text\nข่าววันนี้ฝนตกหนัก\nน้ำท่วมหลายพื้นที่\n", encoding="utf-8")
+    _, rows, fmt = read_table_job(str(path), "rows.csv", "text", 1 << 20, 10, 8, 0.0, "B")
+    assert fmt == "csv" and [(r.request.model, r.request.max_tokens) for r in rows] == [("B", 8)] * 2
+    _, rows, _ = read_table_job(str(path), "rows.csv", "text", 1 << 20, 10, 8, 0.0)
+    assert [r.request.model for r in rows] == [None, None]

@@ -137,11 +137,12 @@ def _check_table_file(path: str, fmt: str, max_bytes: int) -> None:
 
 
 def _open_table(path: str, filename: str, text_column: str | None, max_bytes: int, *,
-                max_tokens: int | None = None, temperature: float | None = None):
+                max_tokens: int | None = None, temperature: float | None = None,
+                model: str | None = None):
     fmt = table_format(filename)
     _check_table_file(path, fmt, max_bytes)
     try:
-        return UITable(Path(path), text_column, None, max_tokens, temperature), fmt
+        return UITable(Path(path), text_column, None, max_tokens, temperature, model), fmt
     except BatchUsageError as exc:
         raise _table_error(exc) from None
     except Exception as exc:  # openpyxl on a damaged sheet, and the like
@@ -169,10 +170,11 @@ def table_info_job(path: str, filename: str, max_bytes: int, max_rows: int) -> T
 
 
 def read_table_job(path: str, filename: str, text_column: str, max_bytes: int, max_rows: int,
-                   max_tokens: int | None, temperature: float | None) -> tuple[Any, list, str]:
+                   max_tokens: int | None, temperature: float | None,
+                   model: str | None = None) -> tuple[Any, list, str]:
     """In the worker: (the table, its rows as batch requests, csv|xlsx), at most ``max_rows``."""
     table, fmt = _open_table(path, filename, text_column, max_bytes, max_tokens=max_tokens,
-                             temperature=temperature)
+                             temperature=temperature, model=model)
     try:
         rows = list(islice(table.rows(), max_rows + 1))
     except BatchUsageError as exc:

@@ -337,15 +337,12 @@ class UIHandlers:
         try:
             table, rows, fmt = await self.files.run(
                 read_table_job, str(path), path.name, column, self.document_max_bytes, MAX_ROWS,
-                options.max_tokens, options.temperature, client=job.client)
+                options.max_tokens, options.temperature, options.model, client=job.client)
         except FileJobError as exc:
             raise file_error(exc.code, exc.message) from None
         if job.stopped:
             yield progress_html("stopped"), None
             return
-        for row in rows:  # every row runs the picked model (the rows are read in the worker)
-            if row.request is not None:
-                row.request = row.request.model_copy(update={"model": model})
         expected = 2 * path.stat().st_size + len(rows) * (options.max_tokens * 16 + 1024)
         full = self.uploads.room_for(job.client, expected) if self.uploads is not None else "server"
         if full is not None:  # the result file counts in the client's share, like an upload

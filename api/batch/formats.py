@@ -254,9 +254,10 @@ class TableInput:
     kind = "table"
 
     def __init__(self, path: Path, text_column: str | None = None, id_column: str | None = None,
-                 max_tokens: int | None = None, temperature: float | None = None):
+                 max_tokens: int | None = None, temperature: float | None = None,
+                 model: str | None = None):
         self.path = path
-        self.max_tokens, self.temperature = max_tokens, temperature
+        self.max_tokens, self.temperature, self.model = max_tokens, temperature, model
         header = next(iter(read_records(path)), None)
         if header is None:
             raise BatchUsageError(f"{path} is empty: it needs a header row and one row per text")
@@ -339,6 +340,8 @@ class TableInput:
                 body["max_tokens"] = self.max_tokens
             if self.temperature is not None:
                 body["temperature"] = self.temperature
+            if self.model is not None:
+                body["model"] = self.model
             try:
                 row.request = SummarizeRequest.model_validate(body)
             except ValidationError as exc:
