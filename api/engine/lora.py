@@ -16,7 +16,7 @@ base it was trained on, features that cannot be applied per row: DoRA, biases,
 ``modules_to_save``) is checked before it serves anything.
 
 The scheduler tells the wrappers which rows belong to which adapter before each
-forward (:meth:`LoraSet.use_rows`); adapter weights are swapped in copy-on-write
+forward (:class:`RowGroups`, ``LoraSet.rows``); adapter weights are swapped in copy-on-write
 dictionaries, so loading or unloading one never disturbs a forward in progress.
 """
 
@@ -85,11 +85,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        groups, weights, packed = self._rows.groups, self._weights, self._packed
-        if not groups or not weights:
+        rows, weights, packed = self._rows, self._weights, self._packed
+        if not rows.active or not weights:
             return out
-        if len(groups) == 1 and groups[0][1] is None:  # every row runs one adapter
-            pair = weights.get(groups[0][0])
+        if rows.only is not None:  # every row runs one adapter
+            pair = weights.get(rows.only)
             if pair is None:
                 return out
             a, b = pair
@@ -107,27 +107,25 @@ class LoraLinear(nn.Module):
 
 
 class RowGroups:
-    """Which batch rows run which adapter in the next forward: [(slot, row index or None)],
-    and the per-row column masks of packed layers (built once per forward for each packing,
-    which layers with the same adapters and rank share)."""
+    """Which batch rows run which adapter in the next forward: ``only`` when every row runs
+    one adapter, else the rows' slots, from which each packing's column mask is built once
+    per forward (layers with the same adapters and rank share it)."""
 
     def __init__(self) -> None:
-        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.active = False             # some row runs an adapter
+        self.only: int | None = None    # the adapter every row runs, if one does
+        self._present: frozenset[int] = frozenset()
         self._slots: torch.Tensor | None = None
         self._masks: dict[tuple, torch.Tensor | None] = {}
 
     def set(self, slots: list[int], device: torch.device) -> None:
-        present = sorted(set(slots) - {NO_ADAPTER})
+        present = set(slots) - {NO_ADAPTER}
         self._masks = {}
-        self._slots = torch.tensor(slots, dtype=torch.long, device=device) if present else None
-        if not present:
-            self.groups = []
-        elif len(present) == 1 and NO_ADAPTER not in slots:
-            self.groups = [(present[0], None)]
-        else:
-            self.groups = [(slot, torch.tensor([i for i, s in enumerate(slots) if s == slot],
-                                               dtype=torch.long, device=device))
-                           for slot in present]
+        self.active = bool(present)
+        self.only = next(iter(present)) if len(present) == 1 and NO_ADAPTER not in slots else None
+        mixed = self.active and self.only is None
+        self._present = frozenset(present)
+        self._slots = torch.tensor(slots, dtype=torch.long, device=device) if mixed else None
 
     def mask(self, key: tuple, dims: int) -> torch.Tensor | None:
         """[rows, 1 ..., S * R]: 1 where a column belongs to the row's own adapter (key: a
@@ -135,11 +133,14 @@ class RowGroups:
         cache_key = (key, dims)
         if cache_key not in self._masks:
             slots, rank, dtype = key
-            rows = self._slots
-            columns = torch.tensor(slots, dtype=torch.long, device=rows.device).repeat_interleave(rank)
-            mask = rows[:, None] == columns[None, :]
-            self._masks[cache_key] = (mask.to(dtype).reshape(rows.shape[0], *[1] * (dims - 2), -1)
-                                      if bool(mask.any()) else None)
+            mask = None
+            if self._present.intersection(slots):
+                rows = self._slots
+                columns = torch.tensor(slots, dtype=torch.long,
+                                       device=rows.device).repeat_interleave(rank)
+                mask = (rows[:, None] == columns[None, :]).to(dtype).reshape(
+                    rows.shape[0], *[1] * (dims - 2), -1)
+            self._masks[cache_key] = mask
         return self._masks[cache_key]
 
 
