@@ -1,11 +1,15 @@
 """Shared test helpers: free ports, real server processes, required tools.
 
-Servers are real ``python app.py`` processes bound to 127.0.0.1 on a free
-port and stopped by their PID.
+Servers are real ``app.py`` processes bound to 127.0.0.1 on a free port and stopped by
+their PID. Most are forked from ``tests.server_zygote``, after the imports every server
+makes; a server whose environment differs in more than THAI_ settings, or a test that asks
+for ``fork=False``, gets a fresh ``python app.py``.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import random
 import shutil
@@ -175,7 +179,7 @@ def require_tool(name: str) -> str:
 
 @dataclass
 class ServerProcess:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedProcess
     url: str
     log_path: Path
 
@@ -197,19 +201,107 @@ class ServerProcess:
         return self.proc.returncode
 
 
+class ForkedProcess:
+    """A server forked by this worker's :class:`ServerForker`, used as a ``subprocess.Popen``:
+    ``pid``, ``poll``, ``wait``, ``send_signal``, ``returncode``."""
+
+    def __init__(self, forker: "ServerForker", pid: int) -> None:
+        self.forker = forker
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.forker.poll(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"server {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class ServerForker:
+    """This worker's ``tests.server_zygote``: servers forked after the imports every server
+    makes, started once (the module says why and what stays a real ``python app.py``)."""
+
+    _instance: "ServerForker | None" = None
+
+    def __init__(self) -> None:
+        import threading
+
+        self.env = {**os.environ, **FORKED_ENV}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.server_zygote"], cwd=REPO,
+                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.lock = threading.Lock()
+        hello = json.loads(self.proc.stdout.readline() or "{}")
+        self.usable = bool(hello.get("ready"))
+
+    @classmethod
+    def get(cls) -> "ServerForker | None":
+        if os.environ.get("THAI_TEST_FORK_SERVERS", "1") == "0":
+            return None
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            cls._instance = cls()
+            atexit.register(cls._instance.close)
+        return cls._instance if cls._instance.usable else None
+
+    def _ask(self, message: dict) -> dict:
+        with self.lock:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+            return json.loads(self.proc.stdout.readline())
+
+    def can_start(self, env: dict[str, str]) -> bool:
+        """Only a server whose environment differs from this process's in THAI_ settings
+        alone: other variables may be read while the libraries import (OMP_*, HF_*, ...)."""
+        keys = set(env) | set(self.env)
+        return all(key.startswith("THAI_") or env.get(key) == self.env.get(key) for key in keys)
+
+    def start(self, env: dict[str, str], args: list[str], log_path: Path) -> ForkedProcess:
+        return ForkedProcess(self, self._ask({"op": "start", "env": env, "argv": args,
+                                              "log": str(log_path)})["pid"])
+
+    def poll(self, pid: int) -> int | None:
+        return self._ask({"op": "poll", "pid": pid})["code"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# The environment every test server gets besides its own settings.
+FORKED_ENV = {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+
+
 def start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool = True,
                  timeout: float = 300, args: list[str] | None = None,
-                 port: int | None = None) -> ServerProcess:
+                 port: int | None = None, fork: bool = True) -> ServerProcess:
     """A real server on ``port`` (a free one by default: retried on another if something
     else bound it between the choice and the server's bind). ``timeout`` is a hang guard:
     on a busy 2-core machine a start (imports, model load) can take minutes."""
     if port is not None:
         return _start_server(env, log_dir, wait_ready=wait_ready, timeout=timeout, args=args,
-                             port=port)
+                             port=port, fork=fork)
     for attempt in range(3):
         try:
             return _start_server(env, log_dir, wait_ready=wait_ready, timeout=timeout,
-                                 args=args, port=free_port())
+                                 args=args, port=free_port(), fork=fork)
         except PortTaken:
             if attempt == 2:
                 raise
@@ -221,14 +313,19 @@ class PortTaken(RuntimeError):
 
 
 def _start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool, timeout: float,
-                  args: list[str] | None, port: int) -> ServerProcess:
-    full_env = {**os.environ, "THAI_HOST": "127.0.0.1", "THAI_PORT": str(port),
-                "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **env}
+                  args: list[str] | None, port: int, fork: bool) -> ServerProcess:
+    full_env = {**os.environ, "THAI_HOST": "127.0.0.1", "THAI_PORT": str(port), **FORKED_ENV,
+                **env}
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *(args or [])], cwd=REPO,
-                                env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    forker = ServerForker.get() if fork else None
+    if forker is not None and forker.can_start(full_env):
+        proc = forker.start(full_env, args or [], log_path)
+    else:
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *(args or [])],
+                                    cwd=REPO, env=full_env, stdout=log_file,
+                                    stderr=subprocess.STDOUT)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -63,8 +63,9 @@ def test_the_port_flag_is_named_the_same_way(model_env):
 
 @pytest.fixture(scope="module")
 def ui_server(model_env, tmp_path_factory):
+    # a fresh interpreter (not forked): the exit it tests includes the interpreter's teardown
     server = start_server({**model_env, "THAI_DRAIN_TIMEOUT_S": "30"},
-                          tmp_path_factory.mktemp("stop"))
+                          tmp_path_factory.mktemp("stop"), fork=False)
     yield server
     server.stop()  # SIGTERM first (a test that failed early): its helpers stop with it
 

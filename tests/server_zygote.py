@@ -1,0 +1,129 @@
+"""Test servers forked from one process that has already imported what every server imports.
+
+Most of a test server's start is the interpreter importing torch, transformers, peft and
+Gradio, the same for every server, and the suite starts dozens of them on a 2-core machine.
+This process does those imports once per test worker, then forks a server for each
+``start`` request it reads. The fork runs ``app.py`` as ``__main__`` with the server's own
+environment, argv, working directory and log file. From ``app.main`` on, it is the code a
+real start runs, including the ``spawn``ed helpers, which start from ``app.py`` as they do
+in production. Tests of the start itself (a taken port, the interpreter's exit) and servers
+with other interpreter-level settings still run ``python app.py`` (``tests.support``).
+
+It speaks JSON lines on stdin/stdout:
+
+- ``{"op": "start", "env": {...}, "argv": [...], "log": PATH}`` answers ``{"pid": N}``;
+- ``{"op": "poll", "pid": N}`` answers ``{"code": C}``. ``C`` is null while the server runs;
+  otherwise it is its exit code, negative for a signal as ``subprocess`` reports it.
+
+It reaps its servers. At the end of its input it kills the servers still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def preload() -> None:
+    """What a server imports before it serves. Nothing here may start a thread: a fork
+    copies only the thread that forks. (numpy's OpenBLAS would start its thread pool at
+    import; here it runs on the calling thread, which no server relies on for speed.)"""
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # this process's own; each server gets its env
+    sys.path.insert(0, str(REPO))
+    import gradio  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import transformers.models.qwen2.modeling_qwen2  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    import api.server  # noqa: F401
+    import thai_ui  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def become_server(request: dict) -> None:
+    """In the forked child: the server's streams, environment and argv, then app.py as
+    __main__. Its SystemExit ends this process the way ``python app.py`` ends."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(devnull)
+    os.close(log)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A fresh interpreter draws its generators' seeds from the OS; a fork would share this
+    # process's (Python's own ``random`` reseeds itself after a fork).
+    import numpy
+    import torch
+
+    torch.seed()
+    numpy.random.seed()
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(REPO)
+    app = str(REPO / "app.py")
+    sys.argv = [app, *request["argv"]]
+    sys.path[0] = str(REPO)  # as for `python app.py`
+    runpy.run_path(app, run_name="__main__")
+    raise SystemExit(0)
+
+
+def serve() -> None:
+    codes: dict[int, int] = {}
+    running: set[int] = set()
+
+    def reap() -> None:
+        while running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            running.discard(pid)
+            codes[pid] = os.waitstatus_to_exitcode(status)
+
+    def answer(message: dict) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    preload()
+    count = threads()
+    answer({"ready": count == 1, "threads": count})
+    for line in sys.stdin:
+        request = json.loads(line)
+        reap()
+        if request["op"] == "start":
+            pid = os.fork()
+            if pid == 0:
+                become_server(request)  # never returns
+            running.add(pid)
+            answer({"pid": pid})
+        elif request["op"] == "poll":
+            answer({"code": codes.get(request["pid"])})
+    for pid in list(running):  # the test worker is gone: so are its servers
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while running and time.monotonic() < deadline:
+        reap()
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    serve()
