@@ -3,7 +3,7 @@ tested without a GPU and without network: the script's syntax and the commands o
 (wheels downloaded for the host's Python and platform, installed with --no-index from the
 wheelhouse only), a real offline install from a local wheelhouse, the benchmark's help, and
 the whole benchmark flow on the CPU (``--device cpu``: the same phases, a small model, tiny
-counts), with the expectation line it prints last.
+counts; in ``make test-full``), with the expectation line it prints last.
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def test_deadline_skips_phases_and_still_writes_results(tmp_path):
 
 
 # ---------------------------------------------------------------------- the whole flow
+@pytest.mark.slow  # minutes on a 2-core machine: make test-full
 def test_simulated_run_writes_results_and_table(tmp_path):
     """``gpu_offline.sh run`` end to end on the CPU: random model (small shape), cold start,
     two levels, the in-process baselines, the decode-step profile, the result files."""

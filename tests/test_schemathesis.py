@@ -2,8 +2,9 @@
 
 Every operation gets generated requests, valid and invalid; each response must
 not be a 5xx and must match the schema: documented status, content type,
-headers and body. The number of cases is bounded (about a minute on CPU) and
-written to test-artifacts/schemathesis.json with the 5xx count.
+headers and body. ``make test`` draws 20 cases per operation, ``make test-full`` 80 (the
+same seed: the short run's cases are among the long run's); the count is written to
+test-artifacts/schemathesis.json with the 5xx count.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance, negative_data_rejection,
           unsupported_method, ignored_auth]
-EXAMPLES_PER_OPERATION = 40
+EXAMPLES_PER_OPERATION = 20
+EXAMPLES_PER_OPERATION_FULL = 80
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +68,7 @@ def tally() -> Counter:
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
-@schema.parametrize()
-@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
-def test_api_conforms_to_its_schema(case, keyed_api, tally):
+def check_case(case, keyed_api, tally: Counter) -> None:
     response = case.call(base_url=keyed_api.url, headers=AUTH, timeout=60)
     tally["cases"] += 1
     tally["5xx"] += response.status_code >= 500
@@ -77,10 +76,34 @@ def test_api_conforms_to_its_schema(case, keyed_api, tally):
     case.validate_response(response, checks=CHECKS)
 
 
-def test_report_cases_and_server_errors(tally, keyed_api):
-    """Runs after the generated cases: records the figures and checks none was a 5xx."""
+@schema.parametrize()
+@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_schema(case, keyed_api, tally):
+    check_case(case, keyed_api, tally)
+
+
+@pytest.mark.slow
+@schema.parametrize()
+@settings(max_examples=EXAMPLES_PER_OPERATION_FULL, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_schema_at_length(case, keyed_api, tally):
+    check_case(case, keyed_api, tally)
+
+
+def report(tally: Counter, keyed_api) -> None:
+    """Records the figures of the generated cases that ran before, and checks none was a 5xx."""
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "schemathesis.json").write_text(json.dumps(dict(tally), indent=2, sort_keys=True))
     print(f"schemathesis: {tally['cases']} cases, {tally['5xx']} server errors: {dict(tally)}")
-    assert tally["cases"] >= 5 * 20, tally
+    assert tally["cases"] >= 5 * EXAMPLES_PER_OPERATION // 2, tally
     assert tally["5xx"] == 0, keyed_api.log()[-5000:]
+
+
+def test_report_cases_and_server_errors(tally, keyed_api):
+    report(tally, keyed_api)
+
+
+@pytest.mark.slow
+def test_report_cases_and_server_errors_at_length(tally, keyed_api):
+    report(tally, keyed_api)

@@ -1,5 +1,6 @@
-"""Constrained output through the real server: 200 generations (json_schema and forced
-tool calls over varied schemas) that must all parse and validate, and greedy decoding
+"""Constrained output through the real server: generations (json_schema and forced tool
+calls over varied schemas; 40 here, 200 in ``make test-full``) that must all parse and
+validate, and greedy decoding
 with the OpenAI routes' defaults equal to transformers' ``generate`` over 20 prompts."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import random
 
 import httpx
 import jsonschema
+import pytest
 import torch
 
 from api.engine.base import token_bytes
@@ -27,17 +29,27 @@ async def _constrained(client: httpx.AsyncClient, url: str, case: dict) -> dict:
     return r.json()
 
 
+def test_40_constrained_generations_all_parse_and_validate(live_server):
+    constrained_sweep(live_server.url, 20)
+
+
+@pytest.mark.slow
 def test_200_constrained_generations_all_parse_and_validate(live_server):
+    constrained_sweep(live_server.url, 100)
+
+
+def constrained_sweep(url: str, per_kind: int) -> None:
+    """``per_kind`` json_schema replies and as many forced tool calls, 16 at a time."""
     rng = random.Random(20261127)
     cases = []
-    for i in range(100):
+    for i in range(per_kind):
         schema = object_schema(rng)
         cases.append({"kind": "json_schema", "schema": schema, "body": {
             "model": MODEL, "messages": [{"role": "user", "content": f"ตอบเป็น JSON {i}"}],
             "max_tokens": 400, "temperature": rng.choice([0.0, 0.7, 1.0]), "seed": i,
             "response_format": {"type": "json_schema",
                                 "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}}})
-    for i in range(100):
+    for i in range(per_kind):
         tools = [{"type": "function", "function": {"name": f"fn_{i}_{k}", "parameters": object_schema(rng)}}
                  for k in range(rng.randint(1, 3))]
         named = rng.random() < 0.5
@@ -53,7 +65,7 @@ def test_200_constrained_generations_all_parse_and_validate(live_server):
         async with httpx.AsyncClient() as client:
             async def one(case):
                 async with limit:
-                    return await _constrained(client, live_server.url, case)
+                    return await _constrained(client, url, case)
             return await asyncio.gather(*[one(c) for c in cases])
 
     results = asyncio.run(run_all())
@@ -77,7 +89,7 @@ def test_200_constrained_generations_all_parse_and_validate(live_server):
                                         schemas[call["function"]["name"]])
         except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
             failures.append((case["kind"], str(exc)[:200], choice))
-    assert not failures, f"{len(failures)} of 200 invalid: {failures[:3]}"
+    assert not failures, f"{len(failures)} of {len(cases)} invalid: {failures[:3]}"
 
 
 def test_forced_tool_call_text_is_what_the_parser_reads(live_server):
