@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -238,8 +239,6 @@ class ServerForker:
     _instance: "ServerForker | None" = None
 
     def __init__(self) -> None:
-        import threading
-
         self.env = {**os.environ, **FORKED_ENV}
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.server_zygote"], cwd=REPO,
                                      env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

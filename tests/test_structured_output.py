@@ -1,7 +1,7 @@
 """Constrained output through the real server: generations (json_schema and forced tool
 calls over varied schemas; 40 here, 200 in ``make test-full``) that must all parse and
-validate, and greedy decoding
-with the OpenAI routes' defaults equal to transformers' ``generate`` over 20 prompts."""
+validate, and greedy decoding with the OpenAI routes' defaults equal to transformers'
+``generate`` over 20 prompts."""
 
 from __future__ import annotations
 
