@@ -239,7 +239,7 @@ class ServerForker:
     _instance: "ServerForker | None" = None
 
     def __init__(self) -> None:
-        self.env = {**os.environ, **FORKED_ENV}
+        self.env = {**SERVER_BASE_ENV, **FORKED_ENV}
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.server_zygote"], cwd=REPO,
                                      env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
@@ -263,9 +263,9 @@ class ServerForker:
             return json.loads(self.proc.stdout.readline())
 
     def can_start(self, env: dict[str, str]) -> bool:
-        """Only a server whose environment differs from this process's in THAI_ settings
-        alone: other variables may be read while the libraries import (OMP_*, HF_*, ...)."""
-        keys = (set(env) | set(self.env)) - PER_TEST_ENV
+        """Only a server whose environment differs from the forking process's in THAI_
+        settings alone: other variables may be read while the libraries import (OMP_*, HF_*)."""
+        keys = set(env) | set(self.env)
         return all(key.startswith("THAI_") or env.get(key) == self.env.get(key) for key in keys)
 
     def start(self, env: dict[str, str], args: list[str], log_path: Path) -> ForkedProcess:
@@ -284,8 +284,12 @@ class ServerForker:
                 self.proc.kill()
 
 
-# Set by pytest for each test (its name), read by no library.
-PER_TEST_ENV = {"PYTEST_CURRENT_TEST"}
+# What a test server inherits: the test run's environment as it was when the run started.
+# Variables set later in a test worker (pytest's PYTEST_CURRENT_TEST, a client library's
+# switches, Gradio's GRADIO_TEMP_DIR and HF_HUB_DISABLE_TELEMETRY after an in-process UI)
+# are that worker's, not settings for the servers, and would make every later server a
+# fresh interpreter instead of a fork.
+SERVER_BASE_ENV = dict(os.environ)
 # The environment every test server gets besides its own settings.
 FORKED_ENV = {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 
@@ -315,7 +319,7 @@ class PortTaken(RuntimeError):
 
 def _start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool, timeout: float,
                   args: list[str] | None, port: int, fork: bool) -> ServerProcess:
-    full_env = {**os.environ, "THAI_HOST": "127.0.0.1", "THAI_PORT": str(port), **FORKED_ENV,
+    full_env = {**SERVER_BASE_ENV, "THAI_HOST": "127.0.0.1", "THAI_PORT": str(port), **FORKED_ENV,
                 **env}
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
@@ -344,3 +348,14 @@ def _start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool, timeo
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server not ready in {timeout}s:\n{server.log()}")
+
+
+def proc_cost(pid: int) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return cpu, rss

@@ -354,7 +354,7 @@ def run_cli(args: list, env: dict, *, timeout: float = 300) -> subprocess.Comple
 @pytest.fixture()
 def batch_env(model_env) -> dict[str, str]:
     return {**os.environ, **model_env, "HF_HUB_OFFLINE": "1", "THAI_MAX_NEW_TOKENS": "8",
-            "THAI_NUM_THREADS": "2", "THAI_LOG_PROMPTS": "false"}
+            "THAI_NUM_THREADS": "1", "THAI_LOG_PROMPTS": "false"}
 
 
 def output_lines(path: Path) -> list[dict]:

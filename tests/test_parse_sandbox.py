@@ -34,7 +34,7 @@ from api.documents.errors import (
 )
 from api.documents.extract import extract_document
 from api.documents.pool import ParsePool
-from tests.support import ServerProcess, start_server
+from tests.support import ServerProcess, proc_cost, start_server
 
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pages": 300}
 VICTIM_TEXT = ("ข่าววันนี้ ฝนตกหนักในกรุงเทพมหานคร น้ำท่วมหลายพื้นที่ "
@@ -296,17 +296,6 @@ UI = "/ui/gradio_api"
 
 def client_at(address: str) -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=120)
-
-
-def proc_cost(pid: int) -> tuple[float, int]:
-    """(CPU seconds, RSS bytes) of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    return cpu, rss
 
 
 def summarize_file(client: httpx.Client, url: str, name: str, data: bytes) -> httpx.Response:
