@@ -12,6 +12,8 @@ with other interpreter-level settings still run ``python app.py`` (``tests.suppo
 It speaks JSON lines on stdin/stdout:
 
 - ``{"op": "start", "env": {...}, "argv": [...], "log": PATH}`` answers ``{"pid": N}``;
+  with ``"module": NAME`` it runs ``python -m NAME`` instead of ``app.py`` (the batch CLI),
+  and ``"stderr": PATH`` keeps standard error apart from ``log``;
 - ``{"op": "poll", "pid": N}`` answers ``{"code": C}``. ``C`` is null while the server runs;
   otherwise it is its exit code, negative for a signal as ``subprocess`` reports it.
 
@@ -20,12 +22,15 @@ It reaps its servers. At the end of its input it kills the servers still running
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import runpy
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,15 +59,18 @@ def threads() -> int:
 
 
 def become_server(request: dict) -> None:
-    """In the forked child: the server's streams, environment and argv, then app.py as
-    __main__. Its SystemExit ends this process the way ``python app.py`` ends."""
+    """In the forked child: the process's streams, environment and argv, then app.py (or
+    ``module``, as ``python -m`` runs it) as __main__, then :func:`exit_as_python_does`."""
     devnull = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    stdout = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    stderr = stdout
+    if request.get("stderr", request["log"]) != request["log"]:
+        stderr = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(devnull, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(devnull)
-    os.close(log)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    for fd in {devnull, stdout, stderr}:
+        os.close(fd)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     # A fresh interpreter draws its generators' seeds from the OS; a fork would share this
     # process's (Python's own ``random`` reseeds itself after a fork).
@@ -74,11 +82,56 @@ def become_server(request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(REPO)
-    app = str(REPO / "app.py")
-    sys.argv = [app, *request["argv"]]
-    sys.path[0] = str(REPO)  # as for `python app.py`
-    runpy.run_path(app, run_name="__main__")
-    raise SystemExit(0)
+    sys.path[0] = str(REPO)  # as for `python app.py` and `python -m` in the repository
+    try:
+        if request.get("module"):
+            sys.argv = [request["module"], *request["argv"]]  # runpy sets argv[0] to its file
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        else:
+            app = str(REPO / "app.py")
+            sys.argv = [app, *request["argv"]]
+            runpy.run_path(app, run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_code(exit_.code)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = -signal.SIGINT
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_as_python_does(code)
+
+
+def exit_code(code: object) -> int:
+    """The status ``SystemExit(code)`` gives a process (a message is printed, status 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def exit_as_python_does(code: int) -> None:
+    """What the interpreter does at exit that a program can see, in its order: wait for the
+    threads that are not daemons, run the ``atexit`` handlers (logging's flush,
+    multiprocessing's reaping of its children, ``weakref.finalize``), flush the streams.
+    Then ``os._exit``: freeing every object of torch, transformers and Gradio one by one
+    took a forked process about 3 s of CPU (each page it touches is copied from this
+    process), and nothing outside the process can tell. A negative ``code`` is a signal,
+    raised on this process as the interpreter does after an uncaught KeyboardInterrupt."""
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
 
 
 def serve() -> None:
@@ -109,7 +162,7 @@ def serve() -> None:
         if request["op"] == "start":
             pid = os.fork()
             if pid == 0:
-                become_server(request)  # never returns
+                become_server(request)  # ends with os._exit
             running.add(pid)
             answer({"pid": pid})
         elif request["op"] == "poll":

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -272,6 +273,12 @@ class ServerForker:
         return ForkedProcess(self, self._ask({"op": "start", "env": env, "argv": args,
                                               "log": str(log_path)})["pid"])
 
+    def start_module(self, module: str, env: dict[str, str], args: list[str], stdout: Path,
+                     stderr: Path) -> ForkedProcess:
+        return ForkedProcess(self, self._ask({
+            "op": "start", "module": module, "env": env, "argv": args, "log": str(stdout),
+            "stderr": str(stderr)})["pid"])
+
     def poll(self, pid: int) -> int | None:
         return self._ask({"op": "poll", "pid": pid})["code"]
 
@@ -292,6 +299,68 @@ class ServerForker:
 SERVER_BASE_ENV = dict(os.environ)
 # The environment every test server gets besides its own settings.
 FORKED_ENV = {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+
+
+def process_env(**settings: str) -> dict[str, str]:
+    """The whole environment for a process a test starts (a CLI): the servers' own, so that
+    one differing in THAI_ settings alone is forked, plus ``settings``."""
+    return {**SERVER_BASE_ENV, **FORKED_ENV, **settings}
+
+
+class ModuleRun:
+    """``python -m MODULE ARGS`` in the repository with ``env``, as a ``subprocess.Popen``
+    whose output is captured as text: forked after the imports when only THAI_ settings
+    differ from the servers' environment (:class:`ServerForker`), a fresh interpreter
+    otherwise."""
+
+    def __init__(self, module: str, args: list, env: dict[str, str]) -> None:
+        self.args = [sys.executable, "-m", module, *map(str, args)]
+        self.folder = Path(tempfile.mkdtemp(prefix="module-run-"))
+        self.stdout_path, self.stderr_path = self.folder / "stdout", self.folder / "stderr"
+        forker = ServerForker.get()
+        if forker is not None and forker.can_start(env):
+            self.proc = forker.start_module(module, env, self.args[3:], self.stdout_path,
+                                            self.stderr_path)
+        else:
+            with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+                self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=out,
+                                             stderr=err)
+        self.pid = self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the exit; (stdout, stderr). ``subprocess.TimeoutExpired`` as Popen's."""
+        self.proc.wait(timeout)
+        try:
+            return (self.stdout_path.read_text(errors="replace"),
+                    self.stderr_path.read_text(errors="replace"))
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_module(module: str, args: list, env: dict[str, str], *,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, "-m", module, *args], capture_output=True, text=True)``,
+    forked where :class:`ModuleRun` can."""
+    run = ModuleRun(module, args, env)
+    try:
+        stdout, stderr = run.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        raise
+    return subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
 
 
 def start_server(env: dict[str, str], log_dir: Path, *, wait_ready: bool = True,

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from api.batch.formats import (
 from api.batch.runner import run_batch
 from api.errors import error_body
 from api.protocol_summarize import SummarizeRequest, SummarizeResponse, SummarizeUsage
-from tests.support import REPO
+from tests.support import REPO, ModuleRun, process_env, run_module
 
 openpyxl = pytest.importorskip("openpyxl")
 
@@ -347,14 +345,12 @@ def test_runner_cancel_writes_only_finished_rows():
 
 # ====================================================================== the CLI, real engine
 def run_cli(args: list, env: dict, *, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "api.batch", *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return run_module("api.batch", args, env, timeout=timeout)
 
 
 @pytest.fixture()
 def batch_env(model_env) -> dict[str, str]:
-    return {**os.environ, **model_env, "HF_HUB_OFFLINE": "1", "THAI_MAX_NEW_TOKENS": "8",
-            "THAI_NUM_THREADS": "1", "THAI_LOG_PROMPTS": "false"}
+    return process_env(**model_env, THAI_MAX_NEW_TOKENS="8", THAI_LOG_PROMPTS="false")
 
 
 def output_lines(path: Path) -> list[dict]:
@@ -420,8 +416,7 @@ def test_cli_interrupt_then_resume_does_every_row_once(tmp_path, batch_env):
         for i in range(n)])
     out = tmp_path / "out.jsonl"
     slow = {**batch_env, "THAI_MAX_BATCH_SIZE": "2", "THAI_MAX_WAITING": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "api.batch", str(path), str(out)], cwd=REPO,
-                            env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = ModuleRun("api.batch", [path, out], slow)
     try:
         deadline = time.monotonic() + 480
         while time.monotonic() < deadline and proc.poll() is None:
@@ -457,12 +452,10 @@ def test_cli_xlsx_in_and_out_with_sigterm_and_resume(tmp_path, batch_env):
                       [[f"doc-{i}", f"{TEXTS[i % 3]} {i}", i] for i in range(n)])
     out = tmp_path / "summaries.xlsx"
     sidecar = tmp_path / "summaries.xlsx.progress.jsonl"
-    args = [sys.executable, "-m", "api.batch", path, out, "--text-column", "body",
-            "--id-column", "doc", "--max-tokens", "64"]
+    args = [path, out, "--text-column", "body", "--id-column", "doc", "--max-tokens", "64"]
     slow = {**batch_env, "THAI_MAX_BATCH_SIZE": "1", "THAI_MAX_WAITING": "0",
             "THAI_NO_REPEAT_NGRAM_SIZE": "0"}
-    proc = subprocess.Popen(list(map(str, args)), cwd=REPO, env=slow, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = ModuleRun("api.batch", args, slow)
     try:
         deadline = time.monotonic() + 480
         while time.monotonic() < deadline and proc.poll() is None:
@@ -481,7 +474,7 @@ def test_cli_xlsx_in_and_out_with_sigterm_and_resume(tmp_path, batch_env):
     assert partial[0] == ["row", "doc", "body", "pages", "summary", "error"]
     assert 2 <= len(partial) - 1 < n and sidecar.exists()
 
-    done = run_cli(args[3:], batch_env)
+    done = run_cli(args, batch_env)
     assert done.returncode == 0, done.stderr
     assert f"{len(partial) - 1} already in" in done.stderr
     rows = read_xlsx(out)
@@ -491,7 +484,7 @@ def test_cli_xlsx_in_and_out_with_sigterm_and_resume(tmp_path, batch_env):
     assert all(r[4] and r[5] is None for r in rows[1:])
     assert not sidecar.exists()  # complete: the workbook is the whole result
 
-    again = run_cli(args[3:], batch_env)
+    again = run_cli(args, batch_env)
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert len(read_xlsx(out)) == n + 1
 
