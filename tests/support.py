@@ -269,15 +269,12 @@ class ServerForker:
         keys = set(env) | set(self.env)
         return all(key.startswith("THAI_") or env.get(key) == self.env.get(key) for key in keys)
 
-    def start(self, env: dict[str, str], args: list[str], log_path: Path) -> ForkedProcess:
-        return ForkedProcess(self, self._ask({"op": "start", "env": env, "argv": args,
-                                              "log": str(log_path)})["pid"])
-
-    def start_module(self, module: str, env: dict[str, str], args: list[str], stdout: Path,
-                     stderr: Path) -> ForkedProcess:
+    def start(self, env: dict[str, str], args: list[str], log_path: Path, *,
+              module: str | None = None, stderr: Path | None = None) -> ForkedProcess:
+        """app.py (or ``python -m module``), output to ``log_path`` (stderr apart if given)."""
         return ForkedProcess(self, self._ask({
-            "op": "start", "module": module, "env": env, "argv": args, "log": str(stdout),
-            "stderr": str(stderr)})["pid"])
+            "op": "start", "env": env, "argv": args, "log": str(log_path), "module": module,
+            "stderr": str(stderr or log_path)})["pid"])
 
     def poll(self, pid: int) -> int | None:
         return self._ask({"op": "poll", "pid": pid})["code"]
@@ -319,8 +316,8 @@ class ModuleRun:
         self.stdout_path, self.stderr_path = self.folder / "stdout", self.folder / "stderr"
         forker = ServerForker.get()
         if forker is not None and forker.can_start(env):
-            self.proc = forker.start_module(module, env, self.args[3:], self.stdout_path,
-                                            self.stderr_path)
+            self.proc = forker.start(env, self.args[3:], self.stdout_path, module=module,
+                                     stderr=self.stderr_path)
         else:
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
                 self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=out,
@@ -428,3 +425,14 @@ def proc_cost(pid: int) -> tuple[float, int]:
     with open(f"/proc/{pid}/status") as f:
         rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
     return cpu, rss
+
+
+def idle_engine(url: str, timeout_s: float = 120) -> None:
+    """Wait (bounded) until the engine holds no request, running or waiting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = httpx.get(url + "/health", timeout=30).json()
+        if health["requests_running"] == 0 and health["requests_waiting"] == 0:
+            return
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import start_server
+from tests.support import idle_engine, start_server
 
 KEY = "ui-attack-key-" + "0123456789abcdef"
 UI = "/ui/gradio_api"
@@ -296,17 +296,6 @@ def test_ui_calls_are_rate_limited_per_client(default_ui):
     assert client.get(default_ui.url + "/ui/").status_code == 200
     assert httpx.post(f"{default_ui.url}{UI}/run/predict", timeout=60, json={
         "fn_index": 0, "data": [], "session_hash": "other"}).status_code == 200
-
-
-def idle_engine(url: str, timeout_s: float = 120) -> None:
-    """Wait (bounded) until the engine holds no request, running or waiting."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        health = httpx.get(url + "/health", timeout=30).json()
-        if health["requests_running"] == 0 and health["requests_waiting"] == 0:
-            return
-        assert time.monotonic() < deadline, health
-        time.sleep(0.2)
 
 
 def test_counters_under_anonymous_load_do_not_starve_generation(default_ui):
