@@ -348,3 +348,31 @@ def test_usage_and_finish_reasons_the_upstream_cannot_have_meant_are_not_relayed
     text, last = asyncio.run(read())
     assert text.text == "กข" and last.finish_reason == "stop"
     assert (last.prompt_tokens, last.completion_tokens) == (2, 2)
+
+
+def test_a_socket_gone_while_connecting_is_a_connection_error_for_failover(monkeypatch):
+    """The race seen with a replica killed mid-load: httpcore's connect raised anyio's
+    AttributeError (its socket was already gone), which became a 500. The upstream
+    transport reads it as a ConnectError, which the stream fails over on; any other
+    AttributeError is still a bug and passes through."""
+    from httpcore import AsyncConnectionPool
+
+    from api.engine.upstream_http import UpstreamTransport
+
+    raised = AttributeError("'NoneType' object has no attribute 'getpeername'")
+
+    async def gone(self, request):
+        raise raised
+
+    monkeypatch.setattr(AsyncConnectionPool, "handle_async_request", gone)
+
+    async def send() -> None:
+        async with httpx.AsyncClient(transport=UpstreamTransport()) as client:
+            await client.get("http://127.0.0.1:9/health")
+
+    with pytest.raises(httpx.ConnectError, match="closed while it was opened") as caught:
+        asyncio.run(send())
+    assert caught.value.__cause__ is raised
+    raised = AttributeError("'Settings' object has no attribute 'x'")
+    with pytest.raises(AttributeError, match="'Settings' object"):
+        asyncio.run(send())

@@ -59,7 +59,7 @@ from api.engine.errors import ModelLoadError, ModelNotReadyError, NoHealthyUpstr
 from api.engine.metrics import EngineMetrics
 from api.engine.types import GenerationRequest
 from api.engine.upstream_http import describe as _describe
-from api.engine.upstream_http import read_capped
+from api.engine.upstream_http import UpstreamTransport, read_capped
 from api.engine.upstream_stream import UpstreamStream
 from api.settings import ModelSettings
 
@@ -237,7 +237,9 @@ class UpstreamEngine(Engine):
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(s.request_timeout_s, connect=s.upstream_connect_timeout_s,
                                   pool=s.upstream_connect_timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            transport=UpstreamTransport(limits=httpx.Limits(max_connections=None,
+                                                            max_keepalive_connections=256),
+                                        trust_env=False),
             follow_redirects=False, trust_env=False)
         self._tasks.append(asyncio.create_task(self._load(), name="upstream-tokenizer"))
 

@@ -35,6 +35,23 @@ _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]"
 _NAME = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,64}")
 
 
+class UpstreamTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport, with one race below it read as what it is. When an upstream dies
+    while a connection to it is being opened, anyio's socket stream can find its socket
+    already gone, and httpcore's connect raises ``AttributeError: 'NoneType' object has no
+    attribute 'getpeername'`` (seen with a replica killed mid-load) instead of a connection
+    error: a 500 where the request should have gone to another replica."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except AttributeError as exc:
+            if "'NoneType' object has no attribute" not in str(exc):
+                raise
+            raise httpx.ConnectError(f"the connection closed while it was opened ({exc})",
+                                     request=request) from exc
+
+
 class UpstreamTooLargeError(UpstreamStatusError):
     """The upstream sent more than this server reads (bytes, or text for the tokens asked)."""
 
