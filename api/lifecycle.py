@@ -233,6 +233,28 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+THREAD_JOIN_S = 5.0
+
+
+def _join_non_daemon_threads(within_s: float) -> list[threading.Thread]:
+    """Wait (at most ``within_s`` in all) for the non-daemon threads that were told to stop.
+
+    AnyIO's worker threads get their stop message from the event loop's last callbacks
+    and end only when the scheduler next runs them, which on a busy machine is after
+    uvicorn returns. The interpreter would wait for them anyway; what is still alive
+    after the wait is what would really hold the exit.
+    """
+    deadline = time.monotonic() + within_s
+    left = []
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            left.append(thread)
+    return left
+
+
 def release_at_exit() -> tuple[int, list[str]]:
     """After the server has stopped: stop helper processes still alive and let the
     interpreter exit at once.
@@ -242,7 +264,7 @@ def release_at_exit() -> tuple[int, list[str]]:
     objects that torch, transformers and Gradio keep (about 1 s each on a busy 2-core
     machine). Nothing needs collecting at exit, so the heap is frozen (``gc.freeze``) and
     the collections find nothing to walk. Returns (helper processes stopped, names of the
-    non-daemon threads still running) for the exit log line.
+    non-daemon threads still running after a short join) for the exit log line.
     """
     children = multiprocessing.active_children()
     for child in children:
@@ -252,8 +274,7 @@ def release_at_exit() -> tuple[int, list[str]]:
         if child.is_alive():
             child.kill()
             child.join(2)
-    threads = [t.name for t in threading.enumerate()
-               if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    threads = [t.name for t in _join_non_daemon_threads(THREAD_JOIN_S)]
     gc.collect()  # collect what the shutdown freed (closes files and sockets) while cheap
     gc.freeze()
     return len(children), threads

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 
@@ -114,3 +115,25 @@ def test_sigterm_stops_helpers_and_exits_promptly_after_the_drain(ui_server, bro
     # From the log's own clock: the exit follows the drain by a short step, not the ~10 s
     # of heap teardown it took before (generous for a busy machine).
     assert _log_time(log, "exiting:") - _log_time(log, "draining") < 15
+
+
+def test_the_exit_line_names_only_threads_that_outlive_a_join():
+    # AnyIO's worker threads are told to stop by the event loop's last callbacks and end
+    # when the scheduler next runs them; on a busy machine that is after uvicorn returns.
+    # The exit line waits for them, so it names only a thread that would hold the exit.
+    from api.lifecycle import _join_non_daemon_threads
+
+    stop_now, never = threading.Event(), threading.Event()
+    finishing = threading.Thread(target=lambda: stop_now.wait(30), name="told to stop")
+    holding = threading.Thread(target=never.wait, name="never told")
+    finishing.start()
+    holding.start()
+    try:
+        threading.Timer(0.1, stop_now.set).start()
+        left = _join_non_daemon_threads(within_s=3)
+        assert [t.name for t in left] == ["never told"]
+        assert not finishing.is_alive()
+    finally:
+        never.set()
+        stop_now.set()
+        holding.join(10)
