@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # The port first: a taken one ends the start in milliseconds, before the model loads.
-    from api.lifecycle import PortInUse, bind_listening_socket
+    from api.listen import PortInUse, bind_listening_socket
 
     try:
         listener = bind_listening_socket(settings.server.host, settings.server.port)

@@ -23,7 +23,6 @@ import gc
 import logging
 import multiprocessing
 import signal
-import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -205,32 +204,6 @@ class DrainingServer(uvicorn.Server):
             return True
         lifecycle: Lifecycle = self.app.state.lifecycle
         return lifecycle.draining and lifecycle.drained(self.app.state.engine)
-
-
-class PortInUse(Exception):
-    """The listening address is taken: one line that names it and the setting to change."""
-
-
-def bind_listening_socket(host: str, port: int) -> socket.socket:
-    """Bind ``host:port`` before anything loads, as uvicorn would (SO_REUSEADDR, IPv6 for a
-    host with a colon), and hand the socket to uvicorn: a taken port is found in
-    milliseconds instead of after the model has loaded, and nothing can take the port between
-    the check and the serving."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family=family)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-        if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
-            raise PortInUse(f"{where} is already in use by another process; stop it or choose "
-                            f"another port with THAI_PORT=<port> or --port <port>") from None
-        raise PortInUse(f"cannot listen on {where}: {exc.strerror or exc}; set THAI_HOST / --host "
-                        f"and THAI_PORT / --port") from None
-    sock.set_inheritable(False)
-    return sock
 
 
 THREAD_JOIN_S = 5.0

@@ -62,6 +62,22 @@ def test_the_port_flag_is_named_the_same_way(model_env):
     assert f"127.0.0.1:{port} is already in use" in result.stderr and "--port" in result.stderr
 
 
+def test_a_taken_port_is_found_before_the_heavy_imports(model_env):
+    # what "before anything loads" means: the settings are read and the port is bound with
+    # neither torch, transformers, Gradio nor the engine imported (half a CPU second, not 4)
+    probe = ("import sys, app; code = app.main(sys.argv[1:]); "
+             "print(code, sorted(m for m in ('torch', 'transformers', 'gradio', 'uvicorn', "
+             "'api.engine', 'api.lifecycle') if m in sys.modules))")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run([sys.executable, "-c", probe, "--host", "127.0.0.1", "--port",
+                                 str(port)], cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, **model_env}, timeout=120)
+    assert result.stdout.split() == ["3", "[]"], result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def ui_server(model_env, tmp_path_factory):
     # a fresh interpreter (not forked): the exit it tests includes the interpreter's teardown
