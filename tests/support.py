@@ -305,19 +305,20 @@ def process_env(**settings: str) -> dict[str, str]:
 
 
 class ModuleRun:
-    """``python -m MODULE ARGS`` in the repository with ``env``, as a ``subprocess.Popen``
-    whose output is captured as text: forked after the imports when only THAI_ settings
-    differ from the servers' environment (:class:`ServerForker`), a fresh interpreter
-    otherwise."""
+    """``python -m MODULE ARGS`` (``python app.py ARGS`` for no module) in the repository
+    with ``env``, as a ``subprocess.Popen`` whose output is captured as text: forked after
+    the imports when only THAI_ settings differ from the servers' environment
+    (:class:`ServerForker`), a fresh interpreter otherwise."""
 
-    def __init__(self, module: str, args: list, env: dict[str, str]) -> None:
-        self.args = [sys.executable, "-m", module, *map(str, args)]
+    def __init__(self, module: str | None, args: list, env: dict[str, str]) -> None:
+        program = ["-m", module] if module else [str(REPO / "app.py")]
+        self.args = [sys.executable, *program, *map(str, args)]
         self.folder = Path(tempfile.mkdtemp(prefix="module-run-"))
         self.stdout_path, self.stderr_path = self.folder / "stdout", self.folder / "stderr"
         forker = ServerForker.get()
         if forker is not None and forker.can_start(env):
-            self.proc = forker.start(env, self.args[3:], self.stdout_path, module=module,
-                                     stderr=self.stderr_path)
+            self.proc = forker.start(env, self.args[1 + len(program):], self.stdout_path,
+                                     module=module, stderr=self.stderr_path)
         else:
             with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
                 self.proc = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=out,
@@ -347,10 +348,10 @@ class ModuleRun:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def run_module(module: str, args: list, env: dict[str, str], *,
+def run_module(module: str | None, args: list, env: dict[str, str], *,
                timeout: float = 300) -> subprocess.CompletedProcess:
-    """``subprocess.run([python, "-m", module, *args], capture_output=True, text=True)``,
-    forked where :class:`ModuleRun` can."""
+    """``subprocess.run([python, "-m", module, *args], capture_output=True, text=True)``
+    (``python app.py`` for no module), forked where :class:`ModuleRun` can."""
     run = ModuleRun(module, args, env)
     try:
         stdout, stderr = run.communicate(timeout)

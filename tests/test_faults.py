@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from api.server import create_app
 from api.settings import Settings
-from tests.support import REPO, free_port
+from tests.support import free_port, process_env, run_module
 
 CHAT = {"messages": [{"role": "user", "content": "สวัสดีครับ"}], "max_tokens": 8}
 
@@ -118,11 +116,10 @@ def test_corrupt_adapter_in_production_exits_non_zero_with_reason(demo_checkpoin
     broken = tmp_path / "lora"
     shutil.copytree(lora, broken)
     (broken / "adapter_model.safetensors").write_bytes(b"\x00\xff" * 500)  # not a safetensors file
-    env = {"PATH": "/usr/bin:/bin", "THAI_BASE_MODEL": str(base), "THAI_LORA_PATH": str(broken),
-           "THAI_REQUIRE_MODEL": "true", "THAI_ENABLE_UI": "false", "THAI_HOST": "127.0.0.1",
-           "THAI_PORT": str(free_port()), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "app.py"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=180)
+    env = process_env(THAI_BASE_MODEL=str(base), THAI_LORA_PATH=str(broken),
+                      THAI_REQUIRE_MODEL="true", THAI_ENABLE_UI="false", THAI_HOST="127.0.0.1",
+                      THAI_PORT=str(free_port()))
+    out = run_module(None, [], env, timeout=180)  # python app.py
     assert out.returncode == 1, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "safetensor" in last.lower(), last

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 
 import httpx
 
-from tests.support import REPO, free_port, start_server
+from tests.support import free_port, process_env, run_module, start_server
 
 
 @contextmanager
@@ -72,10 +70,10 @@ def test_health_reports_loading_then_ready(demo_checkpoint, tmp_path):
 
 
 def test_missing_adapter_in_production_exits_with_seed_message(model_env, tmp_path):
-    env = {**model_env, "THAI_LORA_PATH": str(tmp_path / "nope"), "THAI_REQUIRE_MODEL": "true",
-           "THAI_HOST": "127.0.0.1", "THAI_PORT": str(free_port()), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "app.py"], cwd=REPO, env={"PATH": "/usr/bin:/bin", **env},
-                         capture_output=True, text=True, timeout=120)
+    env = process_env(**{**model_env, "THAI_LORA_PATH": str(tmp_path / "nope"),
+                         "THAI_REQUIRE_MODEL": "true", "THAI_HOST": "127.0.0.1",
+                         "THAI_PORT": str(free_port())})
+    out = run_module(None, [], env, timeout=120)  # python app.py
     assert out.returncode == 1
     assert f"Thai model not found at {tmp_path / 'nope'}" in out.stderr
     assert "adapter_config.json" in out.stderr and "adapter_model.safetensors" in out.stderr
