@@ -16,6 +16,8 @@ import os
 import random
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -34,7 +36,7 @@ from api.documents.errors import (
 )
 from api.documents.extract import extract_document
 from api.documents.pool import ParsePool
-from tests.support import ServerProcess, proc_cost, start_server
+from tests.support import REPO, ServerProcess, proc_cost, start_server
 
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pages": 300}
 VICTIM_TEXT = ("ข่าววันนี้ ฝนตกหนักในกรุงเทพมหานคร น้ำท่วมหลายพื้นที่ "
@@ -426,11 +428,21 @@ def assert_sanitized(stderr: str) -> None:
     assert "\x1b" not in stderr
 
 
-def test_what_a_reader_prints_or_logs_is_one_escaped_line(pool, capfd):
-    """Spawned readers inherit the server's stderr but not its logging: a parser's warning
-    quoting a hostile file used to reach the log raw, a forged line included."""
-    assert pool().call("a", forge_log_lines, FORGED) == "done"
-    assert_sanitized(capfd.readouterr().err)
+def test_what_a_reader_prints_or_logs_is_one_escaped_line():
+    """Readers inherit the server's stderr but not its logging: a parser's warning quoting a
+    hostile file used to reach the log raw, a forged line included. In a process of its own,
+    as the server is: readers write to the stderr the forkserver was started with, the
+    process's own, which pytest's per-test capture would not see once another test had
+    started the forkserver in this worker."""
+    probe = ("from api.documents.pool import ParsePool\n"
+             "from tests.test_parse_sandbox import FORGED, forge_log_lines\n"
+             "pool = ParsePool(workers=1, timeout_s=30)\n"
+             "print(pool.call('a', forge_log_lines, FORGED))\n"
+             "pool.close()\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.stdout.split() == ["done"], result.stdout + result.stderr
+    assert_sanitized(result.stderr)
 
 
 def test_what_the_ui_helper_prints_or_logs_is_one_escaped_line(capfd):

@@ -3,7 +3,7 @@
 No uploaded document or table is parsed in the serving process: a hostile file (a .docx of
 millions of tiny paragraphs, a PDF whose form XObjects fan out) would otherwise cost the
 server gigabytes that CPython's allocator never gives back, and hold the interpreter lock
-that every stream needs. Here each job runs in one of ``workers`` spawned processes, which
+that every stream needs. Here each job runs in one of ``workers`` helper processes, which
 at start limit their own address space (``RLIMIT_AS``) and, per job, their CPU seconds
 (``RLIMIT_CPU``). A job that overruns its wall-clock time is killed with its process; one
 whose process dies (``MemoryError``, ``SIGXCPU``, the kernel's OOM killer) loses it too.
@@ -18,6 +18,13 @@ Fairness: a client (an API key's label or an address, as the caller says) may ha
 ``jobs_per_client`` files read or waiting at once, and at most ``max_waiting`` files wait in
 all; beyond either the caller gets HTTP 429 at once. A client's slot is released when its
 job ends, not when the client stops waiting, so disconnecting and retrying cannot stack jobs.
+
+The processes come from multiprocessing's ``forkserver``: one single-threaded process,
+spawned on first use, imports the parsers once (:data:`PRELOAD`) and each reader is forked
+from it. Forking the serving process itself is unsafe (its threads hold locks a copy would
+never release); spawning each reader cost ~1.4 CPU s of imports, paid again for every reader
+killed for overrunning its time, so a visitor sending one slow file after another made the
+server pay that each time. Forked from the forkserver, a replacement costs milliseconds.
 
 Jobs are module-level functions; they, their arguments, results and exceptions must pickle.
 """
@@ -41,7 +48,8 @@ from api.documents.errors import DocumentLimitError, ParseBusyError, ParseQueueF
 
 log = logging.getLogger("thai.documents.pool")
 
-PRELOAD = ("api.documents.extract", "pypdf", "docx", "lxml.etree")  # imported before the limits
+# imported once by the forkserver (and by a reader before its limits, if it was not)
+PRELOAD = ("api.log_streams", "api.documents.extract", "pypdf", "docx", "lxml.etree")
 RETIRE_FRACTION = 0.5  # a worker left holding more than this share of its limit is replaced
 START_TIMEOUT_S = 120.0  # a new worker's imports, on a busy machine
 _OK, _RAISED, _OUT_OF_MEMORY = "ok", "raised", "memory"
@@ -118,8 +126,19 @@ def _worker_main(conn, memory_bytes: int, cpu_seconds: int) -> None:
 
 
 # ============================================================== in the server
+def reader_context() -> multiprocessing.context.BaseContext:
+    """The ``forkserver`` context, its server preloading this module and the parsers.
+
+    The forkserver is one per process (multiprocessing's own); this pool is its only user
+    in the server, so the preload list is this module's. It takes effect when the server
+    starts, at the first reader."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, *PRELOAD])
+    return context
+
+
 class _Worker:
-    """One spawned process and the parent's end of its pipe."""
+    """One reader process (forked by the forkserver) and the parent's end of its pipe."""
 
     def __init__(self, context, memory_bytes: int, cpu_seconds: int) -> None:
         self.conn, child = context.Pipe(duplex=True)
@@ -165,7 +184,7 @@ class ParsePool:
         self.timeout_s = timeout_s
         self.jobs_per_client = jobs_per_client
         self.max_waiting = max_waiting
-        self._context = multiprocessing.get_context("spawn")  # forking a threaded server is unsafe
+        self._context = reader_context()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thai-parse")
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
