@@ -46,6 +46,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api.errors import error_body, error_response
 from api.security import METRICS_PATH, PROBE_PATHS, is_ui_path, route_path
+from api.settings import document_body_limit
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -244,15 +245,8 @@ class RequestTooLarge(HTTPException):
                               f"({setting}).")
 
 
-# The one route whose body is a file: its limit is the document limit plus the form around it
-# (part headers and the option fields), so a file of exactly THAI_DOCUMENT_MAX_BYTES passes.
+# The one route whose body is a file: its limit is api.settings.document_body_limit.
 DOCUMENT_UPLOAD_PATH = "/v1/summarize/document"
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
-
-
-def document_body_limit(document_max_bytes: int) -> int:
-    """The body limit of :data:`DOCUMENT_UPLOAD_PATH` (the app's and nginx's)."""
-    return document_max_bytes + MULTIPART_OVERHEAD_BYTES
 
 
 class BodyLimitMiddleware:

@@ -308,6 +308,18 @@ class ModelSettings(BaseSettings):
         return value
 
 
+# The document upload's body is the file plus the form around it (part headers and the option
+# fields): its limit is the document limit plus this, so a file of exactly
+# THAI_DOCUMENT_MAX_BYTES passes.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def document_body_limit(document_max_bytes: int) -> int:
+    """The body limit of the document upload route, the app's and the generated nginx's
+    (here, not in api.middleware, so the deploy generator does not import FastAPI)."""
+    return document_max_bytes + MULTIPART_OVERHEAD_BYTES
+
+
 class ServerSettings(BaseSettings):
     """Where and how the HTTP server listens."""
 

@@ -21,8 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from api.middleware import document_body_limit
-from api.settings import Settings
+from api.settings import Settings, document_body_limit
 
 DEPLOY_DIR = Path(__file__).resolve().parent
 REPO_DIR = DEPLOY_DIR.parent

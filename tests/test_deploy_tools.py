@@ -113,6 +113,19 @@ def test_bad_options_are_refused_in_one_line(tmp_path):
         assert result.returncode == 2 and "--docker-subnet" in result.stderr, subnet
 
 
+def test_the_generator_imports_neither_the_web_stack_nor_the_model():
+    # an operator's `setup_production.py` reads the settings and writes files: FastAPI,
+    # torch and Gradio would triple its start for nothing
+    probe = ("import sys, runpy; sys.argv = ['setup_production.py', '--help']\n"
+             "try:\n    runpy.run_path('deploy/setup_production.py', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print('loaded:', sorted(m for m in ('fastapi', 'starlette', 'torch', 'gradio', "
+             "'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == "loaded: []", result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
 def test_nginx_accepts_the_site(tmp_path, install_dir, tls):
     cert, key = self_signed_certificate(tmp_path)

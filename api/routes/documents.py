@@ -7,7 +7,7 @@ would silently do nothing. Here a body that is not multipart, a missing or empty
 a second file, an unknown or repeated field all get a 400 that says which.
 
 The app's body limit for this path is ``THAI_DOCUMENT_MAX_BYTES`` plus room for the form
-(:func:`api.middleware.document_body_limit`), counted as the body streams in, so an upload
+(:func:`api.settings.document_body_limit`), counted as the body streams in, so an upload
 without ``Content-Length`` is cut at the limit too. The key check and the rate limit are
 the app's middlewares: they apply here as to every ``/v1`` route. The file is parsed in a
 sandboxed worker process (:mod:`api.documents.pool`), as one of the client's parse jobs:
