@@ -131,7 +131,10 @@ def reader_context() -> multiprocessing.context.BaseContext:
 
     The forkserver is one per process (multiprocessing's own); this pool is its only user
     in the server, so the preload list is this module's. It takes effect when the server
-    starts, at the first reader."""
+    starts, at the first reader. Where there is no forkserver (Windows), each reader is
+    spawned."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, *PRELOAD])
     return context
