@@ -10,9 +10,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.support import ServerProcess, start_server
+
+
+# A test's HTTP call without a timeout of its own waits as long as a busy machine needs:
+# httpx's default (5 s to connect, read or write) failed a UI request on a 2-core machine with
+# a busy loop and three test workers beside the server. A test about timeouts passes its own.
+TEST_HTTP_TIMEOUT = httpx.Timeout(120.0)
+for _function in (httpx.request, httpx.stream.__wrapped__, httpx.get, httpx.options, httpx.head,
+                  httpx.post, httpx.put, httpx.patch, httpx.delete,
+                  httpx.Client.__init__, httpx.AsyncClient.__init__):
+    _function.__kwdefaults__["timeout"] = TEST_HTTP_TIMEOUT
 
 
 @pytest.fixture(scope="session")
