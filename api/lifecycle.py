@@ -209,17 +209,19 @@ class DrainingServer(uvicorn.Server):
 THREAD_JOIN_S = 5.0
 
 
-def _join_non_daemon_threads(within_s: float) -> list[threading.Thread]:
+def _join_non_daemon_threads(within_s: float,
+                             threads: list[threading.Thread] | None = None) -> list[threading.Thread]:
     """Wait (at most ``within_s`` in all) for the non-daemon threads that were told to stop.
 
     AnyIO's worker threads get their stop message from the event loop's last callbacks
     and end only when the scheduler next runs them, which on a busy machine is after
     uvicorn returns. The interpreter would wait for them anyway; what is still alive
-    after the wait is what would really hold the exit.
+    after the wait is what would really hold the exit. ``threads``: those to consider
+    (default: every thread of the process).
     """
     deadline = time.monotonic() + within_s
     left = []
-    for thread in threading.enumerate():
+    for thread in threading.enumerate() if threads is None else threads:
         if thread is threading.main_thread() or thread.daemon:
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
