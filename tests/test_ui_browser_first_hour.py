@@ -146,6 +146,9 @@ def test_the_batch_bar_moves_row_by_row(page, tmp_path):
     running = [int(s.split(":")[1]) for s in seen if s.startswith("running:")]
     print("batch progress seen:", seen)
     assert running == sorted(running), f"rows done never go back: {seen}"
-    assert {1, 2} <= set(running), f"each finished row shows before the end: {seen}"
+    # Rows show as they finish, before the end. Not necessarily every count: the tab shows the
+    # latest state when it wakes, and on a busy machine rows 2 and 3 can both end before it
+    # does (seen once: running 0, 1, then done 3).
+    assert {1, 2} & set(running), f"finished rows show before the end: {seen}"
     assert seen[-1] == "done:3"
     assert "just finished" in done.inner_text() and "✓" in done.inner_text()
