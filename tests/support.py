@@ -348,6 +348,14 @@ class ModuleRun:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def run_python(code: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -c code args`` in a fresh interpreter in the repository, output captured as
+    text: for a probe of what a process of its own loads or writes."""
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def run_module(module: str | None, args: list, env: dict[str, str], *,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """``subprocess.run([python, "-m", module, *args], capture_output=True, text=True)``

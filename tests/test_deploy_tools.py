@@ -22,7 +22,7 @@ import yaml
 
 from deploy.preflight import estimate_parameters, memory_verdict
 from tests.deploy_support import generate, nginx_test, nginx_wrapper, self_signed_certificate
-from tests.support import ARTIFACTS, REPO, ServerProcess, free_port, require_tool
+from tests.support import ARTIFACTS, REPO, ServerProcess, free_port, require_tool, run_python
 
 SETTINGS_ENV = {"THAI_PORT": "9100", "THAI_MAX_REQUEST_BYTES": "65536", "THAI_SERVED_MODEL_NAME": "thai-prod"}
 OUTPUTS = ["thai-model-api.service", "thai-model-api@.service", "thai-model-api.nginx", "thai-model-api.env",
@@ -121,8 +121,7 @@ def test_the_generator_imports_neither_the_web_stack_nor_the_model():
              "except SystemExit:\n    pass\n"
              "print('loaded:', sorted(m for m in ('fastapi', 'starlette', 'torch', 'gradio', "
              "'transformers') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = run_python(probe)
     assert result.stdout.splitlines()[-1] == "loaded: []", result.stdout + result.stderr
 
 

@@ -16,8 +16,6 @@ import os
 import random
 import resource
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -36,7 +34,7 @@ from api.documents.errors import (
 )
 from api.documents.extract import extract_document
 from api.documents.pool import ParsePool
-from tests.support import REPO, ServerProcess, proc_cost, start_server
+from tests.support import ServerProcess, proc_cost, run_python, start_server
 
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pages": 300}
 VICTIM_TEXT = ("ข่าววันนี้ ฝนตกหนักในกรุงเทพมหานคร น้ำท่วมหลายพื้นที่ "
@@ -439,8 +437,7 @@ def test_what_a_reader_prints_or_logs_is_one_escaped_line():
              "pool = ParsePool(workers=1, timeout_s=30)\n"
              "print(pool.call('a', forge_log_lines, FORGED))\n"
              "pool.close()\n")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = run_python(probe, timeout=300)
     assert result.stdout.split() == ["done"], result.stdout + result.stderr
     assert_sanitized(result.stderr)
 

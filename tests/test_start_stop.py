@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.support import REPO, start_server
+from tests.support import REPO, run_python, start_server
 from thai_ui.text_stats import count_words
 
 MODEL_LOAD_LINES = ("thai.engine.loader", "model ready", "Loading weights")
@@ -72,9 +72,8 @@ def test_a_taken_port_is_found_before_the_heavy_imports(model_env):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = subprocess.run([sys.executable, "-c", probe, "--host", "127.0.0.1", "--port",
-                                 str(port)], cwd=REPO, capture_output=True, text=True,
-                                env={**os.environ, **model_env}, timeout=120)
+        result = run_python(probe, "--host", "127.0.0.1", "--port", str(port),
+                            env={**os.environ, **model_env})
     assert result.stdout.split() == ["3", "[]"], result.stdout + result.stderr
 
 
