@@ -89,6 +89,27 @@ def completed_output(messages: list[dict]) -> list | None:
     return done[-1]["output"].get("data") if done and done[-1].get("success") else None
 
 
+def as_textarea_shows(text: str) -> str:
+    """``text`` as a textarea's value reads it: the HTML spec normalizes CR LF and a lone CR to
+    LF, and the demo model's random tokens can include a carriage return."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def describe_events(events: dict[str, list[dict]]) -> str:
+    """One line per event: its messages' kinds and how it ended, for a failing assertion."""
+    lines = []
+    for event_id, messages in events.items():
+        last = messages[-1]
+        data = (last.get("output") or {}).get("data") if isinstance(last.get("output"), dict) \
+            else None
+        first_value = (repr(data[0][:40]) + "..." + repr(data[0][-40:])
+                       if data and isinstance(data[0], str) else repr(data)[:80])
+        lines.append(f"{event_id[:8]}: {[m.get('msg') for m in messages][-6:]} "
+                     f"({len(messages)} messages) success={last.get('success')} "
+                     f"first output={first_value}")
+    return "\n".join(lines) or "none"
+
+
 def completed_event(page, predicate, timeout_s: float = 120) -> list[dict]:
     """The messages of the first completed event whose final output satisfies ``predicate``,
     waiting for it (bounded) while the page runs."""
@@ -99,7 +120,8 @@ def completed_event(page, predicate, timeout_s: float = 120) -> list[dict]:
             if output is not None and predicate(output):
                 return messages
         if time.monotonic() > deadline:
-            raise AssertionError("no such Gradio event completed")
+            raise AssertionError("no such Gradio event completed; the page's events: "
+                                 + describe_events(gradio_events(page)))
         page.wait_for_timeout(200)
 
 

@@ -6,7 +6,6 @@ tenant reach the engine. Over a fake engine, then against a real server."""
 from __future__ import annotations
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from api.engine.tenants import anon_tenant

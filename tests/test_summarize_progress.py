@@ -8,7 +8,6 @@ import asyncio
 import json
 
 import httpx
-import pytest
 
 from api.protocol_summarize import (
     SummarizeDelta,

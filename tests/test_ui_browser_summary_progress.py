@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import GRADIO_TAP_JS, WATCH_JS, completed_event, streamed_updates
+from tests.support import (
+    GRADIO_TAP_JS,
+    WATCH_JS,
+    as_textarea_shows,
+    completed_event,
+    streamed_updates,
+)
 from tests.test_summarize_long import thai_text
 from tests.test_summarize_progress import three_piece_chars
 
@@ -39,7 +45,7 @@ def test_a_three_piece_text_shows_its_pieces_and_tokens_before_the_summary(live_
     assert first_pieces < next(i for i, u in enumerate(shown) if u.startswith("เสร็จ / done"))
     # what the page's event stream carried: before any summary text, the round's pieces
     # 0..3 of 3 in order, with the tokens written moving while none is done yet
-    event = completed_event(page, lambda output: output[0] == summary)
+    event = completed_event(page, lambda output: as_textarea_shows(output[0]) == summary)
     updates = streamed_updates(event)
     first_text = next(i for i, (out, _) in enumerate(updates) if out)
     lines = [line for _, line in updates[:first_text] if "of 3 chunks done" in line]
