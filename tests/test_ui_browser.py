@@ -119,8 +119,9 @@ def test_summarize_and_chat_in_the_browser(live_server, page):
     page.wait_for_function("document.querySelector('#chat-input textarea') && "
                            "!document.querySelector('#chat-input textarea').disabled && "
                            "window.__reply.length > 0", timeout=60_000)
-    replies = page.evaluate("window.__reply")
-    assert all(later.startswith(earlier) for earlier, later in zip(replies, replies[1:]))
+    # painted as Markdown, so a later paint need not extend an earlier one ("*a" becomes "a"
+    # once the model closes the emphasis); the order of the text is read from the event stream
+    assert page.evaluate("window.__reply")[-1]
     chat = completed_event(page, lambda output: isinstance(output[-1], list) and any(
         "ช่วยแนะนำอาหารไทย" in json.dumps(turn, ensure_ascii=False) for turn in output[-1]))
     history = completed_output(chat)[-1]
