@@ -40,13 +40,18 @@ $(TEST_STAMP): requirements-dev.txt requirements-dev-nodeps.txt $(RUN_STAMP)
 run: install
 	$(PY) app.py
 
+# The project's compiled bytecode is cached (__pycache__/, ignored by git) even where the shell
+# sets PYTHONDONTWRITEBYTECODE: a run starts hundreds of Python processes (test workers, servers,
+# CLIs), and each would otherwise compile the project's modules again (~10 CPU s per worker).
+TEST_ENV := PYTHONDONTWRITEBYTECODE=
+
 # In parallel worker processes (pytest.ini); THAI_TEST_WORKERS=N sets how many, PYTEST_ARGS=-n0 none.
 test: install-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 # The sweeps that take minutes (marker `slow`, e.g. the soak), which `make test` leaves out; CI runs both.
 test-full: install-dev
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # docs/configuration.md from the settings' own descriptions (a test checks it is current)
 docs: install
