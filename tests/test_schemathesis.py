@@ -2,7 +2,7 @@
 
 Every operation gets generated requests, valid and invalid; each response must
 not be a 5xx and must match the schema: documented status, content type,
-headers and body. ``make test`` draws 20 cases per operation, ``make test-full`` 80; the
+headers and body. ``make test`` draws 10 cases per operation, ``make test-full`` 80; the
 count is written to test-artifacts/schemathesis.json with the 5xx count.
 """
 
@@ -34,7 +34,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance, negative_data_rejection,
           unsupported_method, ignored_auth]
-EXAMPLES_PER_OPERATION = 20
+EXAMPLES_PER_OPERATION = 10
 EXAMPLES_PER_OPERATION_FULL = 80
 
 
