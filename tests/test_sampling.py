@@ -250,3 +250,81 @@ def test_a_grammar_past_the_parsers_limits_fails_as_a_grammar_error_not_an_empty
 
     message = asyncio.run(main())
     assert message.startswith("structured output failed:") and "\n" not in message
+
+
+# ------------------------------------------- the draw against the full-sort reference
+def reference_probabilities(logits: torch.Tensor, row: RowRule) -> torch.Tensor:
+    """What a row is drawn from, computed the plain way: the whole vocabulary sorted, then
+    temperature, top-k, top-p (the token that crosses top_p stays), min-p."""
+    scaled = logits / row.temperature
+    ordered, order = scaled.sort(descending=True)
+    if 0 < row.top_k < len(ordered):
+        ordered[row.top_k:] = float("-inf")
+    probs = ordered.softmax(dim=-1)
+    probs[(probs.cumsum(dim=-1) - probs) > row.top_p] = 0.0
+    probs[probs < row.min_p * probs.max()] = 0.0
+    out = torch.zeros_like(probs)
+    out[order] = probs / probs.sum()
+    return out
+
+
+SAMPLER_VOCAB = 2048  # wider than the sampler's CANDIDATES, so both of its paths are taken
+DRAWS = 4000
+
+
+@pytest.mark.parametrize(("spread", "fields", "sorts"), [
+    (4.0, {"top_p": 0.9}, False),                  # peaked: the nucleus is in the candidates
+    (0.1, {"top_p": 0.9}, True),                   # flat: wider than them, sorted in full
+    (4.0, {"top_k": 40, "top_p": 0.8}, False),
+    (0.1, {"top_k": 1500}, False),                 # top-k alone, past the candidates
+    (2.0, {"min_p": 0.05}, False),                 # no cut: one draw over the vocabulary
+    (1.0, {"temperature": 1.5, "top_p": 0.95, "min_p": 0.01}, None),
+])
+def test_draws_follow_the_full_sort_reference(monkeypatch, spread, fields, sorts):
+    """Sampled tokens lie in the reference's support and their distribution matches it
+    (Kolmogorov-Smirnov over the tokens ranked by probability, 4,000 draws from a fixed
+    seed, so the outcome is the same on every run)."""
+    import api.engine.sampler as sampler
+
+    logits = torch.randn(SAMPLER_VOCAB, generator=torch.Generator().manual_seed(3)) * spread
+    row_fields = {"temperature": 0.8, **fields}
+    expected = reference_probabilities(logits.clone(), rule(**row_fields))
+    sorted_rows = []
+    real_sorted = sampler._sample_sorted
+    monkeypatch.setattr(sampler, "_sample_sorted",
+                        lambda sub, rows, *rest: (sorted_rows.append(len(rows)),
+                                                  real_sorted(sub, rows, *rest)))
+    torch.manual_seed(0)
+    tokens = sample_batch(logits.repeat(DRAWS, 1), [rule(**row_fields) for _ in range(DRAWS)]).tokens
+    if sorts is not None:
+        assert bool(sorted_rows) is sorts, sorted_rows
+    counts = torch.bincount(torch.tensor(tokens), minlength=SAMPLER_VOCAB).double() / DRAWS
+    assert set(tokens) <= set(expected.nonzero().squeeze(1).tolist())
+    ranked = expected.argsort(descending=True)
+    gap = (counts[ranked].cumsum(0) - expected[ranked].double().cumsum(0)).abs().max().item()
+    assert gap < 1.63 / DRAWS ** 0.5, gap  # KS at the 1% level
+
+
+def test_a_seed_gives_the_same_draws_and_rows_keep_their_own_generators():
+    logits = torch.randn(3, SAMPLER_VOCAB, generator=torch.Generator().manual_seed(4))
+
+    def run(seeds):
+        rows = [rule(temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(s))
+                for s in seeds]
+        return [sample_batch(logits.clone(), rows).tokens for _ in range(20)]
+
+    first = run([1, 2, 3])
+    assert run([1, 2, 3]) == first
+    # a row's draws depend on its own seed only, not on its neighbours'
+    assert [t[0] for t in run([1, 7, 8])] == [t[0] for t in first]
+    assert [t[1] for t in run([9, 2, 9])] != [t[1] for t in run([9, 5, 9])]
+
+
+def test_a_draw_never_lands_on_a_zero_weight():
+    """The edges of the inverse-CDF draw: a uniform of 0 takes the first token with weight,
+    one just below 1 (or rounded up to 1 in float32) the last one, never the zero after it."""
+    from api.engine.sampler import _draw
+
+    weights = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    uniforms = torch.tensor([0.0, 0.5, 1 - 1e-12, 1.0], dtype=torch.float64)
+    assert _draw(weights, uniforms).tolist() == [1, 3, 3, 3]

@@ -1,11 +1,12 @@
 """Pick the next token for every sequence of a batch in one pass.
 
 Everything that is a number per row (temperature, top-k, top-p, min-p, the penalties) is
-applied as tensors over the whole batch (one sort, one softmax), so sampling stays cheap
-as the batch grows. What is a set of tokens per row (penalties' counts, ``logit_bias``,
-banned n-grams, EOS suppression before ``min_tokens``) is gathered into one index per
-step; grammar masks come from llguidance for the constrained rows together. A batch that
-uses none of it pays for none of it: the plain path is today's argmax or one multinomial.
+applied as tensors over the whole batch (one partial selection, one softmax, one draw),
+so sampling stays cheap as the batch grows. What is a set of tokens per row (penalties'
+counts, ``logit_bias``, banned n-grams, EOS suppression before ``min_tokens``) is gathered
+into one index per step; grammar masks come from llguidance for the constrained rows
+together. A batch that uses none of it pays for none of it: the plain path is an argmax,
+or one softmax and one draw.
 
 Order, as vLLM's sampler: raw log probabilities (what ``logprobs`` reports) -> penalties ->
 logit bias, bans, suppression -> grammar mask -> greedy, or temperature -> top-k -> top-p
@@ -169,11 +170,13 @@ def sample_batch(logits: torch.Tensor, rows: list[RowRule], grammar: Any = None)
     out = [0] * n
     greedy = [i for i, row in enumerate(rows) if row.temperature <= 1e-5]
     sampled = [i for i, row in enumerate(rows) if row.temperature > 1e-5]
-    if greedy:
-        for i, tok in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+    if greedy:  # (a whole batch of one kind is used as it is, not copied row by row)
+        part = logits if len(greedy) == n else logits[greedy]
+        for i, tok in zip(greedy, part.argmax(dim=-1).tolist()):
             out[i] = tok
     if sampled:
-        _sample(logits[sampled], [rows[i] for i in sampled], sampled, out)
+        _sample(logits if len(sampled) == n else logits[sampled], [rows[i] for i in sampled],
+                sampled, out)
     for i in constrained:  # the closing rule (api.engine.grammar.Closer) may take over
         if rows[i].closer is not None:
             out[i] = rows[i].closer.choose(out[i])
@@ -212,36 +215,108 @@ def _apply_grammar(logits: torch.Tensor, constrained: list[int], pristine: dict[
     logits[constrained] = sub
 
 
-def _sample(sub: torch.Tensor, rows: list[RowRule], where: list[int], out: list[int]) -> None:
-    """Temperature, top-k, top-p, min-p, then one multinomial per generator kind."""
-    dtype, vocab = sub.dtype, sub.shape[-1]
-    temps = torch.tensor([row.temperature for row in rows], dtype=dtype)
-    sub = sub / temps[:, None]
-    top_ks = [row.top_k if 0 < row.top_k < vocab else 0 for row in rows]
-    top_ps = torch.tensor([row.top_p for row in rows], dtype=dtype)
-    use_k, use_p = any(top_ks), bool((top_ps < 1.0).any())
-    if use_k or use_p:
-        sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True)
-        if use_k:
-            ks = torch.tensor([k or vocab for k in top_ks])
-            sorted_logits.masked_fill_(torch.arange(vocab)[None, :] >= ks[:, None], float("-inf"))
-        if use_p:
-            probs_sorted = sorted_logits.softmax(dim=-1)
-            cum = probs_sorted.cumsum(dim=-1)
-            remove = (cum - probs_sorted) > top_ps[:, None]   # keeps at least the top token
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        sub = torch.full_like(sub, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-    probs = sub.softmax(dim=-1)
-    min_ps = [row.min_p for row in rows]
-    if any(min_ps):
-        floor = torch.tensor(min_ps, dtype=dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < floor, 0.0)
+# A top-k or a nucleus is cut from each row's best CANDIDATES tokens: one partial selection
+# costs ~0.6 ms on a 151,936-token vocabulary where a full sort costs ~16 ms (per row, on
+# one core). A row whose nucleus is wider than that (a flat distribution) is sorted in full.
+CANDIDATES = 512
 
-    unseeded = [j for j, row in enumerate(rows) if row.generator is None]
-    if unseeded:
-        picks = torch.multinomial(probs[unseeded], 1).squeeze(-1).tolist()
-        for j, tok in zip(unseeded, picks):
+
+def _sample(sub: torch.Tensor, rows: list[RowRule], where: list[int], out: list[int]) -> None:
+    """Temperature, top-k, top-p, min-p, then one draw per row: a uniform number against the
+    row's cumulative probabilities (torch.multinomial and an exponential race both draw one
+    random number per vocabulary entry: ~5 ms a row on a 151,936-token vocabulary)."""
+    vocab, device = sub.shape[-1], sub.device
+    temperatures = torch.tensor([row.temperature for row in rows], dtype=sub.dtype, device=device)
+    scaled = sub / temperatures[:, None]
+    uniforms = _uniforms(rows).to(device)
+    top_ks = [row.top_k if 0 < row.top_k < vocab else 0 for row in rows]
+    cut = [j for j, row in enumerate(rows) if top_ks[j] or row.top_p < 1.0]
+    full = [j for j, row in enumerate(rows) if not (top_ks[j] or row.top_p < 1.0)]
+    wide: list[int] = []   # rows whose nucleus the candidates do not cover
+    if cut:
+        part = scaled if len(cut) == len(rows) else scaled[cut]
+        width = min(vocab, max([CANDIDATES] + [top_ks[j] for j in cut]))
+        values, ids = part.topk(width, dim=-1)              # sorted, best first
+        has_k = torch.tensor([bool(top_ks[j]) for j in cut], device=device)
+        if any(top_ks[j] for j in cut):
+            ks = torch.tensor([top_ks[j] or width for j in cut], device=device)
+            values.masked_fill_(torch.arange(width, device=device)[None, :] >= ks[:, None],
+                                float("-inf"))
+        # Probabilities over what top-k kept (the whole vocabulary if no top-k), best first.
+        kept_norm = values.logsumexp(dim=-1)
+        norm = kept_norm if bool(has_k.all()) else torch.where(has_k, kept_norm,
+                                                                part.logsumexp(dim=-1))
+        probs = (values - norm[:, None]).exp()
+        cum = probs.cumsum(dim=-1)
+        top_ps = torch.tensor([rows[j].top_p for j in cut], dtype=probs.dtype, device=device)
+        probs = probs.masked_fill((cum - probs) > top_ps[:, None], 0.0)  # keeps the best
+        # Without top-k, the candidates hold the whole nucleus only if they already pass
+        # top_p (the first token left out would then be cut too).
+        covered = (has_k | (cum[:, -1] > top_ps)).tolist()
+        picks = _draw(_min_p(probs, [rows[j] for j in cut]), uniforms[cut])
+        chosen = ids.gather(1, picks[:, None]).squeeze(1).tolist()
+        for c, j in enumerate(cut):
+            if covered[c]:
+                out[where[j]] = chosen[c]
+            else:
+                wide.append(j)
+    if wide:
+        _sample_sorted(scaled[wide], [rows[j] for j in wide], uniforms[wide],
+                       [where[j] for j in wide], out)
+    if full:
+        part = scaled if len(full) == len(rows) else scaled[full]
+        probs = _min_p(part.softmax(dim=-1), [rows[j] for j in full])
+        for j, tok in zip(full, _draw(probs, uniforms[full]).tolist()):
             out[where[j]] = tok
+
+
+def _sample_sorted(sub: torch.Tensor, rows: list[RowRule], uniforms: torch.Tensor,
+                   where: list[int], out: list[int]) -> None:
+    """Top-p (and top-k) by sorting the whole vocabulary, for nuclei wider than CANDIDATES."""
+    vocab, device = sub.shape[-1], sub.device
+    sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True)
+    ks = torch.tensor([row.top_k if 0 < row.top_k < vocab else vocab for row in rows],
+                      device=device)
+    sorted_logits.masked_fill_(torch.arange(vocab, device=device)[None, :] >= ks[:, None],
+                               float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    cum = probs.cumsum(dim=-1)
+    top_ps = torch.tensor([row.top_p for row in rows], dtype=probs.dtype, device=device)
+    probs = probs.masked_fill((cum - probs) > top_ps[:, None], 0.0)
+    picks = _draw(_min_p(probs, rows), uniforms)
+    for j, tok in enumerate(sorted_idx.gather(1, picks[:, None]).squeeze(1).tolist()):
+        out[where[j]] = tok
+
+
+def _min_p(probs: torch.Tensor, rows: list[RowRule]) -> torch.Tensor:
+    """Drops what is below min_p times the row's most likely token (a ratio, so it does not
+    matter whether ``probs`` were renormalized after top-k/top-p)."""
+    min_ps = [row.min_p for row in rows]
+    if not any(min_ps):
+        return probs
+    best = probs.max(dim=-1, keepdim=True).values
+    floor = torch.tensor(min_ps, dtype=probs.dtype, device=probs.device)[:, None] * best
+    return probs.masked_fill(probs < floor, 0.0)
+
+
+def _uniforms(rows: list[RowRule]) -> torch.Tensor:
+    """One U[0, 1) per row: from the row's own generator when it has a seed, else the
+    process's."""
+    draws = torch.rand(len(rows), dtype=torch.float64)
     for j, row in enumerate(rows):
         if row.generator is not None:
-            out[where[j]] = int(torch.multinomial(probs[j].cpu(), 1, generator=row.generator).item())
+            draws[j] = torch.rand(1, generator=row.generator, dtype=torch.float64)[0]
+    return draws
+
+
+def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """For each row, the first index whose cumulative weight exceeds ``uniform`` times the
+    row's total: index i with probability weights[i] / total. The target stays below the
+    total, so the index found always has a weight (a zero weight leaves the cumulative value
+    unchanged and is never the first to exceed anything). On a CPU, torch accumulates a
+    float32 cumsum in double: each value is within one float32 step of the exact sum."""
+    cum = weights.cumsum(dim=-1)
+    total = cum[:, -1:]
+    target = torch.minimum(uniforms.to(cum.dtype)[:, None] * total,
+                           torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, target, right=True).squeeze(1)
