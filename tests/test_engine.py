@@ -96,27 +96,71 @@ def test_fixed_length_and_stop_strings(demo_checkpoint):
 
 
 def test_overload_and_cancel_free_slots(demo_checkpoint):
+    """2 running + 1 waiting is the limit, whenever the worker moves a request from waiting
+    to running (a request is never counted both as being prefilled and as running); closed
+    streams end as aborted, none runs on to its 3,900 tokens."""
     async def main():
         engine = await started(demo_checkpoint, max_batch_size=2, max_waiting=1)
         try:
             ids = engine.encode_chat([{"role": "user", "content": "สวัสดี"}])
             params = SamplingParams(max_tokens=3900, min_tokens=3900, ignore_eos=True)
             streams = [engine.generate(GenerationRequest(ids, params)) for _ in range(3)]
-            with pytest.raises(EngineOverloadedError):  # 2 running + 1 waiting is the limit
+            with pytest.raises(EngineOverloadedError):
                 engine.generate(GenerationRequest(ids, params))
             for s in streams[:2]:
                 assert (await s.__anext__()).completion_tokens >= 1
-            t0 = loop_time()
             for s in streams:
                 await s.aclose()
-            while engine.stats() != (0, 0) and loop_time() - t0 < 5:
+            t0 = loop_time()
+            while engine.stats() != (0, 0) and loop_time() - t0 < 120:  # a hang guard
                 await asyncio.sleep(0.01)
-            return loop_time() - t0
+            return engine.stats(), finished_reasons(engine)
         finally:
             await engine.stop()
 
-    # 3900 tokens each would take several seconds; cancelled ones leave at the next step.
-    assert run(main()) < 1.0
+    stats, reasons = run(main())
+    assert stats == (0, 0)
+    assert reasons == {"abort": 3}, reasons
+
+
+def test_admission_counts_a_request_once_while_it_moves_to_running(demo_checkpoint):
+    """Submitting while the worker is between a prefill and its next step: the request it
+    just prefilled is running, not also still being prefilled, so a slot left free is
+    offered (a request in both counts was refused as "at capacity" with a slot free)."""
+    async def main():
+        engine = await started(demo_checkpoint, max_batch_size=2, max_waiting=0)
+        scheduler = engine.scheduler
+        seen: list[tuple[int, int, int]] = []
+        original = scheduler._sample_and_accept
+
+        def watching(logits, seqs):  # runs right after a prefill moved ``seqs`` to running
+            with scheduler._lock:
+                seen.append((len(scheduler._running), scheduler._prefilling,
+                             len(scheduler._waiting)))
+            return original(logits, seqs)
+
+        scheduler._sample_and_accept = watching
+        try:
+            ids = engine.encode_chat([{"role": "user", "content": "สวัสดี"}])
+            params = SamplingParams(max_tokens=4, min_tokens=4, ignore_eos=True)
+            chunks = [c async for c in engine.generate(GenerationRequest(ids, params))]
+            assert chunks[-1].finish_reason == "length"
+        finally:
+            await engine.stop()
+        return seen
+
+    seen = run(main())
+    assert seen and seen[0] == (1, 0, 0), seen
+
+
+def finished_reasons(engine) -> dict[str, int]:
+    """The engine's finished-request counter, by reason (what /metrics exports)."""
+    counts: dict[str, int] = {}
+    for metric in engine.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "thai:request_success_total" and sample.value:
+                counts[sample.labels["finished_reason"]] = int(sample.value)
+    return counts
 
 
 def loop_time() -> float:

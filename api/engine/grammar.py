@@ -325,8 +325,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     llguidance's own helper is ``torch.compile``d (a C++ toolchain and seconds of warm-up
     on the first request); unpacking the bits is one vectorised shift here.
     """
-    vocab = logits.shape[-1]
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(bitmask.shape[0], -1)
+    vocab, bitmask = logits.shape[-1], bitmask.to(logits.device)  # llguidance's is on the CPU
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS.to(logits.device)) & 1).view(bitmask.shape[0], -1)
     width = min(vocab, allowed.shape[1])
     logits[:, :width].masked_fill_(allowed[:, :width] == 0, float("-inf"))
     if vocab > width:  # model rows past the tokenizer's: never allowed

@@ -110,19 +110,20 @@ def apply_penalties(logits: torch.Tensor, rows: list[RowRule]) -> None:
             seen = row.prompt_tokens.union(row.counts)
             rep_rows.extend([i] * len(seen))
             rep_toks.extend(seen)
-    vocab = logits.shape[-1]
+    vocab, on = logits.shape[-1], {"device": logits.device}
+    floats = {"dtype": logits.dtype, **on}
     if rep_rows:
-        r = torch.tensor(rep_rows)
-        t = torch.tensor(rep_toks).clamp_(max=vocab - 1)
-        penalty = torch.tensor([rows[i].repetition_penalty for i in rep_rows], dtype=logits.dtype)
+        r = torch.tensor(rep_rows, **on)
+        t = torch.tensor(rep_toks, **on).clamp_(max=vocab - 1)
+        penalty = torch.tensor([rows[i].repetition_penalty for i in rep_rows], **floats)
         values = logits[r, t]
         logits[r, t] = torch.where(values > 0, values / penalty, values * penalty)
     if row_idx:
-        r = torch.tensor(row_idx)
-        t = torch.tensor(tok_idx).clamp_(max=vocab - 1)
-        c = torch.tensor(counts, dtype=logits.dtype)
-        freq = torch.tensor([rows[i].frequency_penalty for i in row_idx], dtype=logits.dtype)
-        pres = torch.tensor([rows[i].presence_penalty for i in row_idx], dtype=logits.dtype)
+        r = torch.tensor(row_idx, **on)
+        t = torch.tensor(tok_idx, **on).clamp_(max=vocab - 1)
+        c = torch.tensor(counts, **floats)
+        freq = torch.tensor([rows[i].frequency_penalty for i in row_idx], **floats)
+        pres = torch.tensor([rows[i].presence_penalty for i in row_idx], **floats)
         logits.index_put_((r, t), -(freq * c + pres), accumulate=True)
 
 
@@ -141,11 +142,12 @@ def _mask_tokens(logits: torch.Tensor, rows: list[RowRule]) -> None:
         for token in row.blocker.banned() + row.suppress:
             ban_r.append(i)
             ban_t.append(token)
+    on = {"device": logits.device}
     if bias_r:
-        logits.index_put_((torch.tensor(bias_r), torch.tensor(bias_t)),
-                          torch.tensor(bias_v, dtype=logits.dtype), accumulate=True)
+        logits.index_put_((torch.tensor(bias_r, **on), torch.tensor(bias_t, **on)),
+                          torch.tensor(bias_v, dtype=logits.dtype, **on), accumulate=True)
     if ban_r:
-        logits[torch.tensor(ban_r), torch.tensor(ban_t)] = float("-inf")
+        logits[torch.tensor(ban_r, **on), torch.tensor(ban_t, **on)] = float("-inf")
 
 
 def sample_batch(logits: torch.Tensor, rows: list[RowRule], grammar: Any = None) -> SampleResult:
@@ -183,7 +185,7 @@ def sample_batch(logits: torch.Tensor, rows: list[RowRule], grammar: Any = None)
 
     logprobs: list[TokenLogprob | None] = [None] * n
     if raw is not None:
-        chosen = torch.tensor([out[i] for i in lp_rows])
+        chosen = torch.tensor([out[i] for i in lp_rows], device=raw.device)
         picked = raw.gather(1, chosen[:, None]).squeeze(1).tolist()
         k = max(rows[i].logprobs or 0 for i in lp_rows)
         top_v, top_i = (raw.topk(k, dim=-1) if k else (None, None))

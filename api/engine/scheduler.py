@@ -377,7 +377,11 @@ class BatchScheduler:
                 self._prefix_for(seq.slot).observe(seq.request.prompt_ids, out.past_key_values,
                                                    i, width - seq.prompt_len)
         self._kv.join(out.past_key_values, mask)
-        self._running.extend(seqs)
+        with self._lock:  # counted once: admission reads running + prefilling
+            self._running.extend(seqs)
+            moved = {id(seq) for seq in seqs}
+            self._admitted = [seq for seq in self._admitted if id(seq) not in moved]
+            self._prefilling = len(self._admitted)
         self._sample_and_accept(out.logits[:, -1, :], seqs)
 
     @torch.inference_mode()
