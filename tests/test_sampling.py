@@ -289,11 +289,12 @@ def test_draws_follow_the_full_sort_reference(monkeypatch, spread, fields, sorts
     logits = torch.randn(SAMPLER_VOCAB, generator=torch.Generator().manual_seed(3)) * spread
     row_fields = {"temperature": 0.8, **fields}
     expected = reference_probabilities(logits.clone(), rule(**row_fields))
-    sorted_rows = []
-    real_sorted = sampler._sample_sorted
-    monkeypatch.setattr(sampler, "_sample_sorted",
-                        lambda sub, rows, *rest: (sorted_rows.append(len(rows)),
-                                                  real_sorted(sub, rows, *rest)))
+    sorted_rows = []  # rows cut again from the whole vocabulary, sorted
+    real_cut = sampler._cut_and_draw
+    monkeypatch.setattr(sampler, "_cut_and_draw",
+                        lambda scaled, rows, uniforms, width: (
+                            width >= SAMPLER_VOCAB and sorted_rows.append(len(rows)),
+                            real_cut(scaled, rows, uniforms, width))[1])
     torch.manual_seed(0)
     tokens = sample_batch(logits.repeat(DRAWS, 1), [rule(**row_fields) for _ in range(DRAWS)]).tokens
     if sorts is not None:

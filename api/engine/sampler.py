@@ -219,7 +219,8 @@ def _apply_grammar(logits: torch.Tensor, constrained: list[int], pristine: dict[
 
 # A top-k or a nucleus is cut from each row's best CANDIDATES tokens: one partial selection
 # costs ~0.6 ms on a 151,936-token vocabulary where a full sort costs ~16 ms (per row, on
-# one core). A row whose nucleus is wider than that (a flat distribution) is sorted in full.
+# one core). A row whose nucleus is wider than that (a flat distribution) is cut again from
+# the whole vocabulary, sorted.
 CANDIDATES = 512
 
 
@@ -231,40 +232,19 @@ def _sample(sub: torch.Tensor, rows: list[RowRule], where: list[int], out: list[
     temperatures = torch.tensor([row.temperature for row in rows], dtype=sub.dtype, device=device)
     scaled = sub / temperatures[:, None]
     uniforms = _uniforms(rows).to(device)
-    top_ks = [row.top_k if 0 < row.top_k < vocab else 0 for row in rows]
-    cut = [j for j, row in enumerate(rows) if top_ks[j] or row.top_p < 1.0]
-    full = [j for j, row in enumerate(rows) if not (top_ks[j] or row.top_p < 1.0)]
-    wide: list[int] = []   # rows whose nucleus the candidates do not cover
+    is_cut = [0 < row.top_k < vocab or row.top_p < 1.0 for row in rows]
+    cut = [j for j in range(len(rows)) if is_cut[j]]
+    full = [j for j in range(len(rows)) if not is_cut[j]]
     if cut:
         part = scaled if len(cut) == len(rows) else scaled[cut]
-        width = min(vocab, max([CANDIDATES] + [top_ks[j] for j in cut]))
-        values, ids = part.topk(width, dim=-1)              # sorted, best first
-        has_k = torch.tensor([bool(top_ks[j]) for j in cut], device=device)
-        if any(top_ks[j] for j in cut):
-            ks = torch.tensor([top_ks[j] or width for j in cut], device=device)
-            values.masked_fill_(torch.arange(width, device=device)[None, :] >= ks[:, None],
-                                float("-inf"))
-        # Probabilities over what top-k kept (the whole vocabulary if no top-k), best first.
-        kept_norm = values.logsumexp(dim=-1)
-        norm = kept_norm if bool(has_k.all()) else torch.where(has_k, kept_norm,
-                                                                part.logsumexp(dim=-1))
-        probs = (values - norm[:, None]).exp()
-        cum = probs.cumsum(dim=-1)
-        top_ps = torch.tensor([rows[j].top_p for j in cut], dtype=probs.dtype, device=device)
-        probs = probs.masked_fill((cum - probs) > top_ps[:, None], 0.0)  # keeps the best
-        # Without top-k, the candidates hold the whole nucleus only if they already pass
-        # top_p (the first token left out would then be cut too).
-        covered = (has_k | (cum[:, -1] > top_ps)).tolist()
-        picks = _draw(_min_p(probs, [rows[j] for j in cut]), uniforms[cut])
-        chosen = ids.gather(1, picks[:, None]).squeeze(1).tolist()
-        for c, j in enumerate(cut):
-            if covered[c]:
-                out[where[j]] = chosen[c]
-            else:
-                wide.append(j)
-    if wide:
-        _sample_sorted(scaled[wide], [rows[j] for j in wide], uniforms[wide],
-                       [where[j] for j in wide], out)
+        chosen, covered = _cut_and_draw(part, [rows[j] for j in cut], uniforms[cut], CANDIDATES)
+        wide = [j for c, j in enumerate(cut) if not covered[c]]
+        if wide:  # the whole vocabulary, sorted: it covers every nucleus
+            again, _ = _cut_and_draw(scaled[wide], [rows[j] for j in wide], uniforms[wide], vocab)
+            chosen = dict(zip(cut, chosen)) | dict(zip(wide, again))
+            chosen = [chosen[j] for j in cut]
+        for j, tok in zip(cut, chosen):
+            out[where[j]] = tok
     if full:
         part = scaled if len(full) == len(rows) else scaled[full]
         probs = _min_p(part.softmax(dim=-1), [rows[j] for j in full])
@@ -272,22 +252,33 @@ def _sample(sub: torch.Tensor, rows: list[RowRule], where: list[int], out: list[
             out[where[j]] = tok
 
 
-def _sample_sorted(sub: torch.Tensor, rows: list[RowRule], uniforms: torch.Tensor,
-                   where: list[int], out: list[int]) -> None:
-    """Top-p (and top-k) by sorting the whole vocabulary, for nuclei wider than CANDIDATES."""
-    vocab, device = sub.shape[-1], sub.device
-    sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True)
-    ks = torch.tensor([row.top_k if 0 < row.top_k < vocab else vocab for row in rows],
-                      device=device)
-    sorted_logits.masked_fill_(torch.arange(vocab, device=device)[None, :] >= ks[:, None],
-                               float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
+def _cut_and_draw(scaled: torch.Tensor, rows: list[RowRule], uniforms: torch.Tensor,
+                  width: int) -> tuple[list[int], list[bool]]:
+    """Top-k, top-p and min-p over each row's best ``width`` tokens, then a draw: the tokens
+    drawn, and for each row whether those tokens held its whole nucleus (always so with
+    top-k, or when ``width`` is the vocabulary)."""
+    vocab, device = scaled.shape[-1], scaled.device
+    width = min(vocab, max([width] + [row.top_k for row in rows if 0 < row.top_k < vocab]))
+    values, ids = scaled.topk(width, dim=-1)                # sorted, best first
+    top_ks = [row.top_k if 0 < row.top_k < vocab else 0 for row in rows]
+    has_k = torch.tensor([bool(k) for k in top_ks], device=device)
+    if any(top_ks):
+        ks = torch.tensor([k or width for k in top_ks], device=device)
+        values.masked_fill_(torch.arange(width, device=device)[None, :] >= ks[:, None],
+                            float("-inf"))
+    # Probabilities over what top-k kept (the whole vocabulary if no top-k), best first.
+    kept_norm = values.logsumexp(dim=-1)
+    norm = (kept_norm if width == vocab or bool(has_k.all())
+            else torch.where(has_k, kept_norm, scaled.logsumexp(dim=-1)))
+    probs = (values - norm[:, None]).exp()
     cum = probs.cumsum(dim=-1)
     top_ps = torch.tensor([row.top_p for row in rows], dtype=probs.dtype, device=device)
-    probs = probs.masked_fill((cum - probs) > top_ps[:, None], 0.0)
+    probs = probs.masked_fill((cum - probs) > top_ps[:, None], 0.0)  # keeps the best
+    # Without top-k, the candidates hold the whole nucleus only if they already pass top_p
+    # (the first token left out would then be cut too).
+    covered = [True] * len(rows) if width == vocab else (has_k | (cum[:, -1] > top_ps)).tolist()
     picks = _draw(_min_p(probs, rows), uniforms)
-    for j, tok in enumerate(sorted_idx.gather(1, picks[:, None]).squeeze(1).tolist()):
-        out[where[j]] = tok
+    return ids.gather(1, picks[:, None]).squeeze(1).tolist(), covered
 
 
 def _min_p(probs: torch.Tensor, rows: list[RowRule]) -> torch.Tensor:
