@@ -25,6 +25,18 @@ for _function in (httpx.request, httpx.stream.__wrapped__, httpx.get, httpx.opti
                   httpx.Client.__init__, httpx.AsyncClient.__init__):
     _function.__kwdefaults__["timeout"] = TEST_HTTP_TIMEOUT
 
+# One TLS context for every HTTP client the tests make without a `verify` of their own. httpx
+# builds a new context per client (parsing certifi's whole CA bundle: ~45 ms of CPU), and each
+# module-level httpx.get() is a client: the readiness polls alone (5 a second while a server
+# starts) spent a quarter of a core on certificates for plain-HTTP loopback calls.
+TEST_TLS_CONTEXT = httpx.create_ssl_context()
+for _function in (httpx.request, httpx.stream.__wrapped__, httpx.get, httpx.options, httpx.head,
+                  httpx.post, httpx.put, httpx.patch, httpx.delete,
+                  httpx.Client.__init__, httpx.AsyncClient.__init__):
+    _function.__kwdefaults__["verify"] = TEST_TLS_CONTEXT
+for _transport in (httpx.HTTPTransport, httpx.AsyncHTTPTransport):  # `verify` is positional there
+    _transport.__init__.__defaults__ = (TEST_TLS_CONTEXT, *_transport.__init__.__defaults__[1:])
+
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory, worker_id) -> tuple[Path, Path]:
