@@ -106,10 +106,13 @@ def mount_ui(app: FastAPI) -> None:
 
 # Gradio's queue (6.31, queueing.Queue) polls for work while it has none: every 1 ms on Linux
 # (50 ms on Windows), and for progress every 10 ms. An idle server spent about 7% of a core on
-# that alone, forever, on the same cores that generate. Polling every 20 ms and 50 ms keeps
-# the wait for a new UI job and a progress update far below one generated token.
-QUEUE_IDLE_POLL_S = 0.02
-PROGRESS_POLL_S = 0.05
+# that alone, forever, on the same cores that generate. Polling for work every 50 ms (Gradio's
+# own Windows value) delays a UI job's start by 25 ms on average, far below a summary's time;
+# progress messages only carry gr.Progress, which this UI does not use (its progress lines are
+# streamed outputs), so 250 ms. An idle server with the UI: 17 ms of CPU a second at 20 ms and
+# 50 ms, 7.5 ms at these (/proc, over 20 s).
+QUEUE_IDLE_POLL_S = 0.05
+PROGRESS_POLL_S = 0.25
 
 
 def _poll_the_queue_gently(blocks) -> None:
