@@ -2,14 +2,19 @@
 
 Most of a test server's start is the interpreter importing torch, transformers, peft and
 Gradio, the same for every server, and the suite starts dozens of them on a 2-core machine.
-This process does those imports once per test worker, then forks a server for each
-``start`` request it reads. The fork runs ``app.py`` as ``__main__`` with the server's own
+This process does those imports once per test run, then forks a server for each ``start``
+request it reads. The fork runs ``app.py`` as ``__main__`` with the server's own
 environment, argv, working directory and log file. From ``app.main`` on, it is the code a
 real start runs, including the ``spawn``ed helpers, which start from ``app.py`` as they do
 in production. Tests of the start itself (a taken port, the interpreter's exit) and servers
 with other interpreter-level settings still run ``python app.py`` (``tests.support``).
 
-It speaks JSON lines on stdin/stdout:
+``python -m tests.server_zygote --listen PATH`` listens on a Unix socket: every test worker
+of the run connects to the one process (its imports cost ~17 CPU s, once instead of once
+per worker). It prints one JSON line on standard output when it is ready, then speaks JSON
+lines on each connection, which it opens with ``{"ready": bool, "env": {...}}`` (the
+environment it was started with, which a forked server's may differ from in THAI_ settings
+only):
 
 - ``{"op": "start", "env": {...}, "argv": [...], "log": PATH}`` answers ``{"pid": N}``;
   with ``"module": NAME`` it runs ``python -m NAME`` instead of ``app.py`` (the batch CLI),
@@ -17,7 +22,8 @@ It speaks JSON lines on stdin/stdout:
 - ``{"op": "poll", "pid": N}`` answers ``{"code": C}``. ``C`` is null while the server runs;
   otherwise it is its exit code, negative for a signal as ``subprocess`` reports it.
 
-It reaps its servers. At the end of its input it kills the servers still running.
+It reaps its servers. When a connection closes (its worker finished or died), it kills the
+servers that connection started; once the last connection has closed, it exits.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import atexit
 import json
 import os
 import runpy
+import selectors
 import signal
+import socket
 import sys
 import threading
 import time
@@ -34,6 +42,9 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+START_ENV = dict(os.environ)  # as the worker that started this process gave it
+# A run whose workers never connect (the starting one died before it could) ends here.
+FIRST_CLIENT_WAIT_S = 300
 
 
 def preload() -> None:
@@ -134,9 +145,22 @@ def exit_as_python_does(code: int) -> None:
     os._exit(code)
 
 
-def serve() -> None:
+class Connection:
+    """One test worker's connection: its unanswered bytes and the servers it started."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending = b""
+        self.servers: set[int] = set()
+
+    def answer(self, message: dict) -> None:
+        self.sock.sendall((json.dumps(message) + "\n").encode())
+
+
+def serve(listen: str) -> None:
     codes: dict[int, int] = {}
     running: set[int] = set()
+    connections: dict[socket.socket, Connection] = {}
 
     def reap() -> None:
         while running:
@@ -149,34 +173,84 @@ def serve() -> None:
             running.discard(pid)
             codes[pid] = os.waitstatus_to_exitcode(status)
 
-    def answer(message: dict) -> None:
-        sys.stdout.write(json.dumps(message) + "\n")
-        sys.stdout.flush()
+    def kill(pids: set[int]) -> None:
+        for pid in pids & running:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     preload()
     count = threads()
-    answer({"ready": count == 1, "threads": count})
-    for line in sys.stdin:
-        request = json.loads(line)
+    hello = {"ready": count == 1, "threads": count, "env": START_ENV}
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(listen)
+    listener.listen(16)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    sys.stdout.write(json.dumps(hello) + "\n")
+    sys.stdout.flush()
+
+    def close_inherited() -> None:
+        """In a forked server: none of this process's sockets."""
+        selector.close()
+        listener.close()
+        for sock in connections:
+            sock.close()
+
+    def handle(connection: Connection, request: dict) -> None:
         reap()
         if request["op"] == "start":
             pid = os.fork()
             if pid == 0:
+                close_inherited()
                 become_server(request)  # ends with os._exit
             running.add(pid)
-            answer({"pid": pid})
+            connection.servers.add(pid)
+            connection.answer({"pid": pid})
         elif request["op"] == "poll":
-            answer({"code": codes.get(request["pid"])})
-    for pid in list(running):  # the test worker is gone: so are its servers
+            connection.answer({"code": codes.get(request["pid"])})
+
+    ever_connected = False
+    started = time.monotonic()
+    try:
+        while connections or not ever_connected:
+            if not ever_connected and time.monotonic() - started > FIRST_CLIENT_WAIT_S:
+                break
+            for key, _ in selector.select(timeout=5):
+                if key.fileobj is listener:
+                    sock, _ = listener.accept()
+                    connections[sock] = Connection(sock)
+                    selector.register(sock, selectors.EVENT_READ)
+                    connections[sock].answer(hello)
+                    ever_connected = True
+                    continue
+                connection = connections[key.fileobj]
+                data = connection.sock.recv(65536)
+                if not data:  # its worker is gone: so are its servers
+                    selector.unregister(connection.sock)
+                    connection.sock.close()
+                    del connections[connection.sock]
+                    kill(connection.servers)
+                    reap()
+                    continue
+                connection.pending += data
+                while b"\n" in connection.pending:
+                    line, connection.pending = connection.pending.split(b"\n", 1)
+                    handle(connection, json.loads(line))
+    finally:
+        kill(set(running))
+        deadline = time.monotonic() + 10
+        while running and time.monotonic() < deadline:
+            reap()
+            time.sleep(0.05)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.unlink(listen)
+        except FileNotFoundError:
             pass
-    deadline = time.monotonic() + 10
-    while running and time.monotonic() < deadline:
-        reap()
-        time.sleep(0.05)
 
 
 if __name__ == "__main__":
-    serve()
+    if len(sys.argv) != 3 or sys.argv[1] != "--listen":
+        sys.exit("usage: python -m tests.server_zygote --listen SOCKET_PATH")
+    serve(sys.argv[2])

@@ -226,7 +226,7 @@ class ServerProcess:
 
 
 class ForkedProcess:
-    """A server forked by this worker's :class:`ServerForker`, used as a ``subprocess.Popen``:
+    """A server forked by the run's :class:`ServerForker`, used as a ``subprocess.Popen``:
     ``pid``, ``poll``, ``wait``, ``send_signal``, ``returncode``."""
 
     def __init__(self, forker: "ServerForker", pid: int) -> None:
@@ -256,39 +256,72 @@ class ForkedProcess:
 
 
 class ServerForker:
-    """This worker's ``tests.server_zygote``: servers forked after the imports every server
-    makes, started once (the module says why and what stays a real ``python app.py``)."""
+    """This run's ``tests.server_zygote``, shared by its test workers: servers forked after
+    the imports every server makes (the module says why and what stays a real
+    ``python app.py``). The first worker that needs it starts it; each connects once."""
 
     _instance: "ServerForker | None" = None
 
     def __init__(self) -> None:
-        self.env = {**SERVER_BASE_ENV, **FORKED_ENV}
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.server_zygote"], cwd=REPO,
-                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+        from filelock import FileLock
+
+        # One per run: pytest-xdist gives every worker of a run the same id.
+        run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+        path = Path(tempfile.gettempdir()) / f"thai-test-zygote-{run_id[:16]}.sock"
+        with FileLock(f"{path}.lock"):
+            try:
+                self.sock = self._connect(path)
+            except OSError:  # none yet, or the last one ended with its last worker
+                path.unlink(missing_ok=True)
+                # Its own session: the zygote outlives the worker that starts it.
+                starter = subprocess.Popen(
+                    [sys.executable, "-m", "tests.server_zygote", "--listen", str(path)],
+                    cwd=REPO, env={**SERVER_BASE_ENV, **FORKED_ENV}, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, text=True, start_new_session=True)
+                starter.stdout.readline()  # ready (it listens), or gone (EOF)
+                starter.stdout.close()
+                self.sock = self._connect(path)
+        self.stream = self.sock.makefile("rw", encoding="utf-8", newline="\n")
         self.lock = threading.Lock()
-        hello = json.loads(self.proc.stdout.readline() or "{}")
+        hello = json.loads(self.stream.readline() or "{}")
+        self.env: dict[str, str] = hello.get("env", {})
         self.usable = bool(hello.get("ready"))
+
+    @staticmethod
+    def _connect(path: Path) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     @classmethod
     def get(cls) -> "ServerForker | None":
         if os.environ.get("THAI_TEST_FORK_SERVERS", "1") == "0":
             return None
-        if cls._instance is None or cls._instance.proc.poll() is not None:
-            cls._instance = cls()
+        if cls._instance is None or cls._instance.stream.closed:
+            try:
+                cls._instance = cls()
+            except OSError:  # the zygote did not start: servers are fresh interpreters
+                return None
             atexit.register(cls._instance.close)
         return cls._instance if cls._instance.usable else None
 
     def _ask(self, message: dict) -> dict:
         with self.lock:
-            self.proc.stdin.write(json.dumps(message) + "\n")
-            self.proc.stdin.flush()
-            return json.loads(self.proc.stdout.readline())
+            self.stream.write(json.dumps(message) + "\n")
+            self.stream.flush()
+            return json.loads(self.stream.readline())
+
+    # Variables that differ from worker to worker and that only the tests read.
+    PER_WORKER = frozenset({"PYTEST_XDIST_WORKER"})
 
     def can_start(self, env: dict[str, str]) -> bool:
         """Only a server whose environment differs from the forking process's in THAI_
         settings alone: other variables may be read while the libraries import (OMP_*, HF_*)."""
-        keys = set(env) | set(self.env)
+        keys = (set(env) | set(self.env)) - self.PER_WORKER
         return all(key.startswith("THAI_") or env.get(key) == self.env.get(key) for key in keys)
 
     def start(self, env: dict[str, str], args: list[str], log_path: Path, *,
@@ -302,12 +335,11 @@ class ServerForker:
         return self._ask({"op": "poll", "pid": pid})["code"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """This worker's connection; the zygote kills the servers it started for it."""
+        with self.lock:
+            if not self.stream.closed:
+                self.stream.close()
+                self.sock.close()
 
 
 # What a test server inherits: the test run's environment as it was when the run started.
