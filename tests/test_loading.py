@@ -79,9 +79,12 @@ def test_missing_adapter_in_production_exits_with_seed_message(model_env, tmp_pa
     assert "adapter_config.json" in out.stderr and "adapter_model.safetensors" in out.stderr
 
 
-def test_offline_hub_model_falls_back_to_demo(tmp_path):
+def test_offline_hub_model_falls_back_to_demo(demo_checkpoint, tmp_path):
+    # The run's demo checkpoint (a missing one is built: test_fresh_clone's `make run`), and a
+    # quantized-weight cache of its own, so that every run measures and quantizes alike.
     env = {"THAI_BASE_MODEL": "Qwen/Qwen2.5-1.5B-Instruct", "THAI_LORA_PATH": str(tmp_path / "missing"),
-           "THAI_REQUIRE_MODEL": "false", "THAI_DEMO_DIR": str(tmp_path / "demo"), "HF_HOME": str(tmp_path / "hf")}
+           "THAI_REQUIRE_MODEL": "false", "THAI_DEMO_DIR": str(demo_checkpoint[0].parent),
+           "THAI_QUANT_CACHE_DIR": str(tmp_path / "quant-cache"), "HF_HOME": str(tmp_path / "hf")}
     server = start_server(env, tmp_path, timeout=300)  # no hub retries: ready, not hung
     try:
         health = httpx.get(server.url + "/health").json()
