@@ -220,24 +220,30 @@ def serve(listen: str) -> None:
             for key, _ in selector.select(timeout=5):
                 if key.fileobj is listener:
                     sock, _ = listener.accept()
+                    ever_connected = True
+                    try:
+                        Connection(sock).answer(hello)
+                    except OSError:  # gone already
+                        sock.close()
+                        continue
                     connections[sock] = Connection(sock)
                     selector.register(sock, selectors.EVENT_READ)
-                    connections[sock].answer(hello)
-                    ever_connected = True
                     continue
                 connection = connections[key.fileobj]
-                data = connection.sock.recv(65536)
+                try:
+                    data = connection.sock.recv(65536)
+                    connection.pending += data
+                    while b"\n" in connection.pending:
+                        line, connection.pending = connection.pending.split(b"\n", 1)
+                        handle(connection, json.loads(line))
+                except OSError:  # reset, or gone before its answer: as closed
+                    data = b""
                 if not data:  # its worker is gone: so are its servers
                     selector.unregister(connection.sock)
                     connection.sock.close()
                     del connections[connection.sock]
                     kill(connection.servers)
                     reap()
-                    continue
-                connection.pending += data
-                while b"\n" in connection.pending:
-                    line, connection.pending = connection.pending.split(b"\n", 1)
-                    handle(connection, json.loads(line))
     finally:
         kill(set(running))
         deadline = time.monotonic() + 10
