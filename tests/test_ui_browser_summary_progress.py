@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from api.serving.summarize import PROGRESS_EVERY_TOKENS
 from tests.support import (
     GRADIO_TAP_JS,
     WATCH_JS,
@@ -44,12 +45,19 @@ def test_a_three_piece_text_shows_its_pieces_and_tokens_before_the_summary(live_
     assert "tokens written" in shown[first_pieces] and "จาก 3" in shown[first_pieces]
     assert first_pieces < next(i for i, u in enumerate(shown) if u.startswith("เสร็จ / done"))
     # what the page's event stream carried: before any summary text, the round's pieces
-    # 0..3 of 3 in order, with the tokens written moving while none is done yet
+    # done of 3 in order (each piece's end is reported), and the tokens written never back
     event = completed_event(page, lambda output: as_textarea_shows(output[0]) == summary)
     updates = streamed_updates(event)
     first_text = next(i for i, (out, _) in enumerate(updates) if out)
     lines = [line for _, line in updates[:first_text] if "of 3 chunks done" in line]
     done = [int(line.split("ส่วนที่เสร็จ ")[1].split(" ")[0]) for line in lines]
-    assert done == sorted(done) and sorted(set(done)) == [0, 1, 2, 3], lines
+    assert done == sorted(done) and set(done) - {0} == {1, 2, 3}, lines
     written = [int(line.split("เขียนแล้ว ")[1].split(" ")[0].replace(",", "")) for line in lines]
-    assert written == sorted(written) and any(d == 0 and w > 0 for w, d in zip(written, done))
+    assert written == sorted(written), lines
+    # The count moves while no piece is done yet (a report every PROGRESS_EVERY_TOKENS) unless
+    # the first piece to end did so before that many were written: the demo model's random
+    # weights may end a piece after a few tokens. The first line with a piece done is the one
+    # its end sent, so it tells how many had been written by then.
+    written_at_first_end = next(w for w, d in zip(written, done) if d > 0)
+    if written_at_first_end >= PROGRESS_EVERY_TOKENS:
+        assert any(d == 0 and w > 0 for w, d in zip(written, done)), lines
