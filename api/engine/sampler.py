@@ -238,13 +238,13 @@ def _sample(sub: torch.Tensor, rows: list[RowRule], where: list[int], out: list[
     if cut:
         part = scaled if len(cut) == len(rows) else scaled[cut]
         chosen, covered = _cut_and_draw(part, [rows[j] for j in cut], uniforms[cut], CANDIDATES)
-        wide = [j for c, j in enumerate(cut) if not covered[c]]
-        if wide:  # the whole vocabulary, sorted: it covers every nucleus
-            again, _ = _cut_and_draw(scaled[wide], [rows[j] for j in wide], uniforms[wide], vocab)
-            chosen = dict(zip(cut, chosen)) | dict(zip(wide, again))
-            chosen = [chosen[j] for j in cut]
         for j, tok in zip(cut, chosen):
             out[where[j]] = tok
+        wide = [j for c, j in enumerate(cut) if not covered[c]]
+        if wide:  # drawn again from the whole vocabulary, sorted: it covers every nucleus
+            again, _ = _cut_and_draw(scaled[wide], [rows[j] for j in wide], uniforms[wide], vocab)
+            for j, tok in zip(wide, again):
+                out[where[j]] = tok
     if full:
         part = scaled if len(full) == len(rows) else scaled[full]
         probs = _min_p(part.softmax(dim=-1), [rows[j] for j in full])
